@@ -8,6 +8,7 @@ No framework import here; `hyperrule()` bundles the rule into a serialisable `Pl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +172,8 @@ def hyperrule(
     if not 0 < crop <= precrop:
         raise ValueError(f"crop ({crop}) must be positive and at most precrop ({precrop})")
     supports = tuple(int(s) for s in overrides.get("supports", schedule_supports(num_examples)))
-    if len(supports) != 5 or any(b <= a for a, b in zip(supports, supports[1:])) or supports[0] < 1:
+    increasing = all(a < b for a, b in itertools.pairwise(supports))
+    if len(supports) != 5 or not increasing or supports[0] < 1:
         raise ValueError(f"supports must be 5 strictly increasing positive steps, got {supports}")
     if "total_steps" in overrides:
         supports = scale_supports(supports, int(overrides["total_steps"]))

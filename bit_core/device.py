@@ -1,0 +1,35 @@
+"""Device and precision choices shared by training, evaluation and prediction."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device '{name}' requested but CUDA is not available; use 'cpu'")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (the fast path), plain fp32 elsewhere unless asked."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got '{precision}'")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def to_device_layout(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last on CUDA, where cuDNN's NHWC kernels are faster; unchanged elsewhere."""
+    if device.type == "cuda":
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
