@@ -1,0 +1,282 @@
+"""The `bit` command line of the engine: finetune, predict, eval, weights.
+
+`build_parser()` is public so that the service can add its own commands (serve, worker,
+...) to the same `bit` program without this package importing the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bit_core import weights
+from bit_core.data import LabeledImages
+from bit_core.hyperrule import hyperrule
+from bit_core.images import ImageDecodeError
+from bit_core.npz import CheckpointError
+from bit_core.train import Progress, RunConfig
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _ProgressBar:
+    """A tqdm bar fed by the training loop's progress callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, progress: Progress) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.total_steps, unit="step", file=sys.stderr)
+        self.bar.n = progress.step
+        self.bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2e}", refresh=False)
+        self.bar.set_description(f"{progress.images_per_s:.1f} img/s")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from bit_core.recipe import resolve_base, run_finetune
+
+    train = LabeledImages.from_folder(args.data)
+    val = LabeledImages.from_folder(args.val, classes=train.classes) if args.val else None
+    base = resolve_base(args.base, args.weights_dir)
+    if base.npz_path is None:
+        print(
+            f"note: '{base.name}' has no pre-trained weights: training from scratch",
+            file=sys.stderr,
+        )
+    plan = hyperrule(
+        len(train),
+        train.typical_hw(),
+        arch=base.arch,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        base_lr=args.lr,
+        total_steps=args.steps,
+        precrop=args.precrop,
+        crop=args.crop,
+        mixup_alpha=args.mixup,
+        resolution_rule=args.resolution,
+    )
+    config = RunConfig(
+        seed=args.seed,
+        device=args.device,
+        micro_batch_size=args.micro_batch,
+        compile=args.compile,
+        eval_every=args.eval_every,
+        num_workers=args.workers,
+    )
+    out = Path(args.out)
+    print(
+        f"{len(train)} images, {len(train.classes)} classes, base {base.name} ({base.arch}), "
+        f"mode {plan.mode}: {plan.total_steps} steps of {plan.batch_size} at "
+        f"{plan.precrop}->{plan.crop}px, lr {plan.base_lr:g}",
+        file=sys.stderr,
+    )
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    bar = _ProgressBar(not args.quiet)
+    try:
+        _, info = run_finetune(
+            train,
+            base,
+            plan,
+            out,
+            config=config,
+            val=val,
+            checkpoint_path=out.with_name(out.name + ".ckpt.safetensors"),
+            on_progress=bar,
+        )
+    finally:
+        bar.close()
+    assert info is not None
+    validation = info.metrics.get("validation")
+    if isinstance(validation, dict):
+        print(f"validation top-1 {validation['top1']:.3f} on {validation['count']} images")
+    print(f"model saved to {out}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from bit_core.predict import Predictor
+
+    predictor = Predictor.load(args.model, device=args.device)
+    results = predictor.predict(list(args.images), top_k=args.top_k)
+    if args.json:
+        rows = [
+            {"image": image, "predictions": [p.__dict__ for p in predictions]}
+            for image, predictions in zip(args.images, results, strict=True)
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for image, predictions in zip(args.images, results, strict=True):
+        ranked = ", ".join(f"{p.label} {p.probability:.3f}" for p in predictions)
+        print(f"{image}: {ranked}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from bit_core.checkpoint import load_model
+    from bit_core.device import resolve_device
+    from bit_core.evaluate import evaluate
+
+    model, info = load_model(args.model)
+    data = LabeledImages.from_folder(args.data, classes=info.classes)
+    device = resolve_device(args.device)
+    report = evaluate(model.prepare_for_inference().to(device), data, info.crop, device=device)
+    if args.json:
+        print(json.dumps(report.summary(), indent=2))
+        return 0
+    print(
+        f"{report.count} images: top-1 {report.top1:.4f}, top-5 {report.top5:.4f}, "
+        f"loss {report.loss:.4f}"
+    )
+    width = max(len(name) for name in report.classes)
+    for name, p, r in zip(report.classes, report.precision, report.recall, strict=True):
+        print(f"  {name:<{width}}  precision {p:.3f}  recall {r:.3f}")
+    return 0
+
+
+def _cmd_weights_pull(args: argparse.Namespace) -> int:
+    entry = weights.pull(args.name, args.weights_dir, progress=not args.quiet)
+    print(f"{entry.name}: {entry.path} sha256 {entry.sha256}")
+    return 0
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    entry = weights.import_file(args.file, args.weights_dir, name=args.name)
+    print(f"{entry.name}: {entry.arch}, {entry.num_classes} classes, sha256 {entry.sha256}")
+    return 0
+
+
+def _cmd_weights_list(args: argparse.Namespace) -> int:
+    from bit_core.registry import OFFICIAL_MODELS
+
+    installed = {entry.name: entry for entry in weights.list_installed(args.weights_dir)}
+    print(f"weights directory: {args.weights_dir or weights.default_weights_dir()}")
+    for entry in installed.values():
+        print(f"  installed  {entry.name:<28} {entry.arch:<8} {entry.sha256[:12]}")
+    for name, model in OFFICIAL_MODELS.items():
+        if name not in installed:
+            print(f"  available  {name:<28} {model.arch:<8} `bit weights pull {name}`")
+    return 0
+
+
+def _add_finetune(sub: Any) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a BiT model on an image folder")
+    p.add_argument("data", help="ImageFolder directory: one sub-directory of images per class")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="installed weights name, an .npz file, or an architecture to train "
+        "from scratch (e.g. R26x1)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("full", "linear"),
+        default="full",
+        help="full fine-tuning (BiT-HyperRule) or a fast linear head (default full)",
+    )
+    p.add_argument("--val", help="validation ImageFolder with the same classes")
+    p.add_argument("--out", default="bit-model", help="output model directory")
+    p.add_argument("--batch-size", type=int, help="override the HyperRule batch (512)")
+    p.add_argument("--lr", type=float, help="override the base learning rate")
+    p.add_argument("--steps", type=int, help="override the total number of steps")
+    p.add_argument("--precrop", type=int, help="override the resize side")
+    p.add_argument("--crop", type=int, help="override the crop side")
+    p.add_argument("--mixup", type=float, help="override the MixUp alpha")
+    p.add_argument(
+        "--resolution",
+        choices=("paper", "official"),
+        help="large-image resolution: paper 448/384, official code 512/480",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--micro-batch", type=int, help="micro-batch size (default: automatic)")
+    p.add_argument("--compile", action="store_true", help="use torch.compile")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--weights-dir", help="weights directory (default $BIT_HOME/weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_cmd_finetune)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, Any]:
+    """The `bit` parser and its sub-command group, for others to extend."""
+    parser = argparse.ArgumentParser(prog="bit", description="Big Transfer (BiT) image models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_finetune(sub)
+
+    p = sub.add_parser("predict", help="classify images with a trained model")
+    p.add_argument("model", help="model directory written by `bit finetune`")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("eval", help="evaluate a model on a labeled image folder")
+    p.add_argument("model", help="model directory written by `bit finetune`")
+    p.add_argument("data", help="ImageFolder directory with the model's classes")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("weights", help="manage pre-trained BiT weights")
+    wsub = p.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    w = wsub.add_parser("pull", help="download official weights (resumable)")
+    w.add_argument("name", help="official name, e.g. BiT-M-R50x1")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(handler=_cmd_weights_pull)
+    w = wsub.add_parser("import", help="install a BiT .npz file")
+    w.add_argument("file")
+    w.add_argument("--name", help="name to install it under (default: the file name)")
+    w.set_defaults(handler=_cmd_weights_import)
+    w = wsub.add_parser("list", help="installed and downloadable weights")
+    w.set_defaults(handler=_cmd_weights_list)
+    for action in wsub.choices.values():
+        action.add_argument("--weights-dir", help="weights directory (default $BIT_HOME/weights)")
+    return parser, sub
+
+
+# Errors a user can act on are printed as one line, without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    LookupError,
+    FileNotFoundError,
+    ImageDecodeError,
+    CheckpointError,
+    weights.WeightsDownloadError,
+    weights.WeightsIntegrityError,
+)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse and dispatch; user errors become `bit: error: ...` and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except USER_ERRORS as exc:
+        print(f"bit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bit: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, _ = build_parser()
+    return run(parser, argv)
