@@ -17,8 +17,8 @@ def step_generator(seed: int, step: int) -> np.random.Generator:
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], BiT's input range."""
-    return images.float().mul_(2.0 / 255.0).sub_(1.0)
+    """uint8 [0, 255] -> a new float tensor in [-1, 1], BiT's input range."""
+    return images.float() * (2.0 / 255.0) - 1.0
 
 
 def random_crop_flip(images: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:

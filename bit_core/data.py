@@ -62,7 +62,7 @@ class LabeledImages:
     def from_folder(cls, root: str | Path, classes: Sequence[str] | None = None) -> LabeledImages:
         """ImageFolder layout: one sub-directory per class, images inside.
 
-        Hidden files are skipped; any other file must be an image (it fails loudly when
+        Hidden files and folders are skipped; any other file must be an image (it fails loudly when
         decoded otherwise), so a stray file is reported rather than silently ignored.
         """
         root = Path(root)
@@ -74,7 +74,10 @@ class LabeledImages:
         pairs: list[tuple[ImageSource, str]] = []
         for class_dir in class_dirs:
             files = sorted(
-                p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+                path
+                for path in class_dir.rglob("*")
+                if path.is_file()
+                and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
             )
             if not files:
                 raise ValueError(f"{class_dir}: class '{class_dir.name}' has no images")

@@ -46,7 +46,8 @@ def resolution(
         raise ValueError(f"resolution rule must be one of {RESOLUTION_RULES}, got '{rule}'")
     if image_hw[0] * image_hw[1] < SMALL_IMAGE_AREA:
         return SMALL_RESOLUTION
-    if rule == "official" or (arch is not None and arch.endswith("R152x4")):
+    # Any name of the R152x4 architecture: "R152x4", "BiT-M-R152x4", "BiT-M-R152x4-ILSVRC2012".
+    if rule == "official" or (arch is not None and "R152x4" in arch):
         return R152X4_RESOLUTION
     return LARGE_RESOLUTION
 
@@ -74,9 +75,13 @@ def scale_supports(supports: tuple[int, ...], total_steps: int) -> tuple[int, ..
     """Stretch a schedule to end at `total_steps`, keeping its proportions."""
     if total_steps < len(supports):
         raise ValueError(f"total_steps must be at least {len(supports)}, got {total_steps}")
-    scaled = [max(1, round(s * total_steps / supports[-1])) for s in supports]
+    scaled = [round(s * total_steps / supports[-1]) for s in supports]
     scaled[-1] = total_steps
-    for index in range(len(scaled) - 2, -1, -1):  # keep strictly increasing
+    # Keep them strictly increasing and >= 1: push low values up, then high values down
+    # (total_steps >= 5 leaves room for both).
+    for index in range(len(scaled) - 1):
+        scaled[index] = max(scaled[index], scaled[index - 1] + 1 if index else 1)
+    for index in range(len(scaled) - 2, -1, -1):
         scaled[index] = min(scaled[index], scaled[index + 1] - 1)
     return tuple(scaled)
 
@@ -160,7 +165,12 @@ def hyperrule(
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; accepted: {', '.join(OVERRIDABLE)}")
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+    # Recorded JSON-native (lists, not tuples) so a plan survives a JSON round trip unchanged.
+    overrides = {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in overrides.items()
+        if value is not None
+    }
     notes: list[str] = []
     mode = overrides.get("mode", "full")
     if mode not in MODES:

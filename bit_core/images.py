@@ -98,16 +98,36 @@ def open_image(
         ) from exc
 
 
-def image_size(source: ImageSource, *, name: str | None = None) -> tuple[int, int]:
+def image_size(
+    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(height, width) as displayed (after EXIF rotation), read from the header only."""
     label = _source_name(source, name)
     stream = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     try:
-        with Image.open(stream) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(stream) as image:
+                width, height = image.size
+                # Not image.getexif(): for PNG it decodes the whole image to find the tag.
+                raw_exif = image.info.get("exif")
+    except FileNotFoundError as exc:
+        raise ImageDecodeError(label, "file not found", code="not_found") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(label, f"too many pixels ({exc})", code="image_too_large") from exc
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         raise ImageDecodeError(label, f"not a readable image ({exc})") from exc
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            label,
+            f"{width}x{height} pixels is over the limit of {max_pixels}; downscale the image",
+            code="image_too_large",
+        )
+    orientation = 1
+    if isinstance(raw_exif, bytes):
+        exif = Image.Exif()
+        exif.load(raw_exif)
+        orientation = exif.get(0x0112, 1)
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 

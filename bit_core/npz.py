@@ -59,6 +59,10 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
+    except TypeError as exc:  # a .npy file: np.load returns a bare array, not an archive
+        raise CheckpointError(
+            f"{path}: a single .npy array, not a BiT .npz archive of named arrays"
+        ) from exc
     except FileNotFoundError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -102,7 +106,8 @@ def load_bit_npz(model: ResNetV2, path: str | os.PathLike[str], load_head: bool 
             f"unexpected {len(unexpected)} keys, e.g. {unexpected[:3]}); "
             "check that the model name matches the file"
         )
-    for key, param in targets.items():
+    converted = {}
+    for key, param in targets.items():  # check every shape before touching the model
         array = arrays[key]
         if array.ndim == 4:
             array = array.transpose(HWIO_TO_OIHW)
@@ -111,7 +116,9 @@ def load_bit_npz(model: ResNetV2, path: str | os.PathLike[str], load_head: bool 
                 f"{path}: '{key}' has shape {tuple(array.shape)} (after HWIO->OIHW) but the "
                 f"model expects {tuple(param.shape)}; check that the model name matches the file"
             )
-        param.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+        converted[key] = array
+    for key, param in targets.items():
+        param.copy_(torch.from_numpy(np.ascontiguousarray(converted[key])))
     for module in model.modules():
         if isinstance(module, StdConv2d):
             module.standardized = False  # raw kernels again: standardize on every forward

@@ -103,6 +103,8 @@ class ResNetV2(nn.Module):
     @torch.no_grad()
     def reset_head(self, num_classes: int | None = None) -> None:
         """Zero the head, optionally resizing it to `num_classes` outputs."""
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         if num_classes is not None and num_classes != self.num_classes:
             old = self.head.conv
             self.head.conv = nn.Conv2d(self.num_features, num_classes, kernel_size=1, bias=True)

@@ -360,16 +360,15 @@ def import_file(
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
-    """Why a download failed, in words: refused, unreachable, timed out, or an HTTP status."""
+    """Why a download failed, in words: an HTTP status, unreachable, timed out, or cut off."""
     if isinstance(exc, urllib.error.HTTPError):
         return f"the server answered HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):  # urlopen wraps connection errors in it
-        exc = exc.reason if isinstance(exc.reason, BaseException) else exc
-    if isinstance(exc, TimeoutError):
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
         return f"no answer within {timeout} s"
-    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.errno:
-        return f"cannot reach the server ({exc})"  # DNS failure, no route, network down
-    return str(exc)
+    if isinstance(exc, urllib.error.URLError):  # raised while connecting: DNS, refused, no route
+        return f"cannot reach the server ({reason})"
+    return str(exc)  # the connection broke during the transfer
 
 
 def _download_error(name: str, url: str, partial: Path, reason: str) -> WeightsDownloadError:

@@ -1,0 +1,32 @@
+"""Shared fixtures: generated image folders (nothing is downloaded in tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.factories import make_image_folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests skip cleanly where CUDA is absent (CI never has a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; none available on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def train_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 visually distinct classes x 6 images."""
+    return make_image_folder(tmp_path_factory.mktemp("train"), per_class=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def val_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Held-out images of the same 3 classes."""
+    return make_image_folder(tmp_path_factory.mktemp("val"), per_class=4, seed=1)
