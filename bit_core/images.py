@@ -78,8 +78,8 @@ def open_image(
                         code="image_too_large",
                     )
                 image.load()
-                image = ImageOps.exif_transpose(image) or image
-                return _to_rgb(image)
+                upright: Image.Image = ImageOps.exif_transpose(image) or image
+                return _to_rgb(upright)
     except ImageDecodeError:
         raise
     except FileNotFoundError as exc:

@@ -125,7 +125,7 @@ def fit_linear(
     weight, bias, loss = fit_head(*extracted, len(train.classes), l2=l2)
     with torch.no_grad():
         model.head.conv.weight.copy_(weight[:, :, None, None].to(device))
-        model.head.conv.bias.copy_(bias.to(device))
+        model.head.bias.copy_(bias.to(device))
     report(total, loss)
     return TrainResult(
         model,

@@ -37,21 +37,20 @@ def checkpoint_keys(model: ResNetV2) -> dict[str, torch.Tensor]:
         f"{PREFIX}group_norm/gamma": model.head.gn.weight,
         f"{PREFIX}group_norm/beta": model.head.gn.bias,
         HEAD_KEYS[0]: model.head.conv.weight,
-        HEAD_KEYS[1]: model.head.conv.bias,
+        HEAD_KEYS[1]: model.head.bias,
     }
-    for block_name, block in model.body.named_children():
-        for unit_name, unit in block.named_children():
-            prefix = f"{PREFIX}{block_name}/{unit_name}/"
-            for letter, norm, conv_layer in (
-                ("a", unit.gn1, unit.conv1),
-                ("b", unit.gn2, unit.conv2),
-                ("c", unit.gn3, unit.conv3),
-            ):
-                keys[f"{prefix}{letter}/{conv}"] = conv_layer.weight
-                keys[f"{prefix}{letter}/group_norm/gamma"] = norm.weight
-                keys[f"{prefix}{letter}/group_norm/beta"] = norm.bias
-            if unit.downsample is not None:
-                keys[f"{prefix}a/proj/{conv}"] = unit.downsample.weight
+    for unit_path, unit in model.units():
+        prefix = f"{PREFIX}{unit_path}/"
+        for letter, norm, conv_layer in (
+            ("a", unit.gn1, unit.conv1),
+            ("b", unit.gn2, unit.conv2),
+            ("c", unit.gn3, unit.conv3),
+        ):
+            keys[f"{prefix}{letter}/{conv}"] = conv_layer.weight
+            keys[f"{prefix}{letter}/group_norm/gamma"] = norm.weight
+            keys[f"{prefix}{letter}/group_norm/beta"] = norm.bias
+        if unit.downsample is not None:
+            keys[f"{prefix}a/proj/{conv}"] = unit.downsample.weight
     return keys
 
 
@@ -138,4 +137,4 @@ def save_bit_npz(model: ResNetV2, path: str | os.PathLike[str]) -> None:
         array = param.detach().to(device="cpu", dtype=torch.float32).numpy()
         arrays[key] = array.transpose(OIHW_TO_HWIO) if array.ndim == 4 else array
     with atomic_write(path) as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]

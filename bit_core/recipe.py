@@ -80,7 +80,7 @@ def run_finetune(
     *,
     config: RunConfig | None = None,
     val: LabeledImages | None = None,
-    checkpoint_path: str | os.PathLike[str] | None = None,
+    checkpoint_path: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
 ) -> tuple[TrainResult, ModelInfo | None]:

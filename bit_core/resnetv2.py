@@ -45,6 +45,38 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
+class Root(nn.Module):
+    """7x7/2 standardized conv, zero pad 1, unpadded 3x3/2 max-pool."""
+
+    def __init__(self, out_chs: int) -> None:
+        super().__init__()
+        self.conv = StdConv2d(3, out_chs, kernel_size=7, stride=2, padding=3, bias=False)
+        # Zero padding then an unpadded pool, as in the official code: the same as "SAME"
+        # pooling only because inputs are >= 0 (post-conv values are not!), so kept literal.
+        self.pad = nn.ConstantPad2d(1, 0.0)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.pad(self.conv(x)))
+
+
+class Head(nn.Module):
+    """GroupNorm, ReLU, global average pool, 1x1 conv (the checkpoint's `head/conv2d`)."""
+
+    def __init__(self, in_chs: int, num_classes: int) -> None:
+        super().__init__()
+        self.gn = group_norm(in_chs)
+        self.relu = nn.ReLU(inplace=True)
+        self.avg = nn.AdaptiveAvgPool2d(output_size=1)
+        self.conv = nn.Conv2d(in_chs, num_classes, kernel_size=1, bias=True)
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """The head conv's bias (always present; typed non-optional for callers)."""
+        assert self.conv.bias is not None
+        return self.conv.bias
+
+
 class ResNetV2(nn.Module):
     """BiT ResNet-v2 classifier.
 
@@ -66,22 +98,14 @@ class ResNetV2(nn.Module):
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
         self.num_classes = num_classes
-        self.root = nn.Sequential(
-            OrderedDict(
-                conv=StdConv2d(3, root_chs, kernel_size=7, stride=2, padding=3, bias=False),
-                # Zero padding then an unpadded pool, as in the official code: equivalent to
-                # "SAME" pooling for inputs >= 0 only, so it is kept literally.
-                pad=nn.ConstantPad2d(1, 0.0),
-                pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=0),
-            )
-        )
+        self.root = Root(root_chs)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         in_chs = root_chs
         for index, num_units in enumerate(block_units):
             mid_chs = root_chs * 2**index
             out_chs = mid_chs * 4
             stride = 1 if index == 0 else 2
-            units = OrderedDict()
+            units: OrderedDict[str, nn.Module] = OrderedDict()
             for unit in range(1, num_units + 1):
                 units[f"unit{unit:02d}"] = PreActBottleneck(
                     in_chs, out_chs, mid_chs, stride=stride if unit == 1 else 1
@@ -90,14 +114,7 @@ class ResNetV2(nn.Module):
             blocks[f"block{index + 1}"] = nn.Sequential(units)
         self.body = nn.Sequential(blocks)
         self.num_features = in_chs
-        self.head = nn.Sequential(
-            OrderedDict(
-                gn=group_norm(in_chs),
-                relu=nn.ReLU(inplace=True),
-                avg=nn.AdaptiveAvgPool2d(output_size=1),
-                conv=nn.Conv2d(in_chs, num_classes, kernel_size=1, bias=True),
-            )
-        )
+        self.head = Head(in_chs, num_classes)
         self.reset_head()
 
     @torch.no_grad()
@@ -111,7 +128,16 @@ class ResNetV2(nn.Module):
             self.head.conv.to(device=old.weight.device, dtype=old.weight.dtype)
             self.num_classes = num_classes
         nn.init.zeros_(self.head.conv.weight)
-        nn.init.zeros_(self.head.conv.bias)
+        nn.init.zeros_(self.head.bias)
+
+    def units(self) -> list[tuple[str, PreActBottleneck]]:
+        """('blockN/unitMM', unit) for every bottleneck, in order (checkpoint naming)."""
+        return [
+            (f"{block_name}/{unit_name}", unit)
+            for block_name, block in self.body.named_children()
+            for unit_name, unit in block.named_children()
+            if isinstance(unit, PreActBottleneck)
+        ]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (N, 3, H, W) in [-1, 1] -> normalized feature map (N, C, h, w)."""

@@ -170,7 +170,7 @@ def train_loop(
     micro = config.micro_batch_size or 0
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if config.compile:
-        forward = torch.compile(model)  # type: ignore[assignment]
+        forward = torch.compile(model)
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return autocast_for(device, config.precision)
