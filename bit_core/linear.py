@@ -72,17 +72,21 @@ def fit_head(
         [weight, bias], max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe"
     )
 
+    def objective() -> torch.Tensor:
+        logits = features @ weight.T + bias
+        return F.cross_entropy(logits, labels) + 0.5 * l2 * weight.square().sum()
+
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = (
-            F.cross_entropy(features @ weight.T + bias, labels) + 0.5 * l2 * weight.square().sum()
-        )
+        loss = objective()
         loss.backward()
         return loss
 
     with torch.enable_grad():
-        loss = optimizer.step(closure)
-    return weight.detach(), bias.detach(), float(loss.detach())
+        optimizer.step(closure)  # returns the *first* evaluation's loss, not the final one
+    with torch.no_grad():
+        final_loss = float(objective())
+    return weight.detach(), bias.detach(), final_loss
 
 
 def fit_linear(

@@ -1,0 +1,125 @@
+"""The `bit` program, run as a user runs it: finetune a folder, predict, eval, weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.factories import make_bit_npz
+
+
+def bit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bit_core", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BIT_HOME": str(cwd / ".bit"), **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_finetune_then_predict_then_eval(tmp_path: Path, train_folder: Path, val_folder: Path):
+    npz = make_bit_npz(tmp_path / "base.npz", "R14x0.5", 10)
+    imported = bit("weights", "import", str(npz), "--name", "house-base", cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr
+    assert "R14x0.5, 10 classes" in imported.stdout
+
+    trained = bit(
+        "finetune",
+        str(train_folder),
+        "--base",
+        "house-base",
+        "--val",
+        str(val_folder),
+        "--out",
+        "model",
+        "--batch-size",
+        "12",
+        "--steps",
+        "10",
+        "--lr",
+        "0.01",
+        "--precrop",
+        "40",
+        "--crop",
+        "32",
+        "--workers",
+        "0",
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "model saved to model" in trained.stdout and "validation top-1" in trained.stdout
+    assert "base_lr" not in trained.stderr  # lr was given: no scaling note
+    assert (tmp_path / "model" / "model.json").exists()
+
+    image = next((val_folder / "blue_disc").iterdir())
+    predicted = bit("predict", "model", str(image), "--top-k", "2", "--json", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    rows = json.loads(predicted.stdout)
+    assert rows[0]["image"] == str(image) and len(rows[0]["predictions"]) == 2
+    assert {p["label"] for p in rows[0]["predictions"]} <= {
+        "blue_disc",
+        "green_stripes",
+        "red_square",
+    }
+
+    evaluated = bit("eval", "model", str(val_folder), "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["count"] == 12 and len(report["confusion"]) == 3
+
+
+def test_linear_mode_from_the_cli(tmp_path: Path, train_folder: Path):
+    npz = make_bit_npz(tmp_path / "base.npz", "R14x0.5", 10)
+    trained = bit(
+        "finetune",
+        str(train_folder),
+        "--base",
+        str(npz),
+        "--mode",
+        "linear",
+        "--out",
+        "lin",
+        "--crop",
+        "32",
+        "--quiet",
+        cwd=tmp_path,
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((tmp_path / "lin" / "model.json").read_text())["plan"]["mode"] == "linear"
+
+
+def test_user_errors_are_one_clear_line(tmp_path: Path, train_folder: Path):
+    missing = bit("finetune", str(train_folder), "--base", "BiT-M-R50x1", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "bit weights pull BiT-M-R50x1" in missing.stderr and "Traceback" not in missing.stderr
+
+    not_a_model = bit("predict", str(tmp_path), str(train_folder), cwd=tmp_path)
+    assert not_a_model.returncode == 2 and "model.json" in not_a_model.stderr
+
+    bad = tmp_path / "bad"
+    for name in ("cat", "dog"):
+        (bad / name).mkdir(parents=True)
+        (bad / name / "ok.png").write_bytes((train_folder / "blue_disc" / "0.png").read_bytes())
+    (bad / "cat" / "notes.jpg").write_text("hello")
+    corrupt = bit("finetune", str(bad), "--base", "R14x0.5", cwd=tmp_path)
+    assert corrupt.returncode == 2 and "notes.jpg" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
+
+    listing = bit("weights", "list", cwd=tmp_path)
+    assert listing.returncode == 0 and "available  BiT-M-R152x4" in listing.stdout
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["finetune"], ["predict"], ["eval"], ["weights"], ["weights", "pull"]]
+)
+def test_every_command_has_help(tmp_path: Path, command: list[str]):
+    shown = bit(*command, "--help", cwd=tmp_path)
+    assert shown.returncode == 0 and "usage: bit" in shown.stdout
