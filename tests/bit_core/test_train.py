@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,49 @@ def test_diverging_loss_is_reported(train_folder: Path):
     plan = small_plan(train, total_steps=6, base_lr=1e30, supports=[1, 2, 3, 4, 5])
     with pytest.raises(FloatingPointError, match="lower base_lr"):
         finetune(fresh_model(), train, plan)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_step(
+    train_folder: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A CUDA OOM cannot be provoked on CPU; simulate one above 3 images per micro-batch."""
+    import bit_core.train as train_module
+
+    original = train_module._accumulate
+    tried: list[int] = []
+
+    def tight_memory(forward, loss_fn, images, targets, micro, autocast):
+        tried.append(micro)
+        if micro > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return original(forward, loss_fn, images, targets, micro, autocast)
+
+    monkeypatch.setattr(train_module, "_accumulate", tight_memory)
+    train = LabeledImages.from_folder(train_folder)
+    plan = small_plan(train, total_steps=5)
+    result = finetune(fresh_model(), train, plan, RunConfig(seed=1))
+    reference = finetune(fresh_model(), train, plan, RunConfig(seed=1, micro_batch_size=3))
+    assert tried[:3] == [12, 6, 3] and set(tried[3:]) == {3}  # backs off once, then stays
+    assert result.micro_batch_size == 3 and result.steps_done == 5
+    assert weights_equal(result.model, reference.model)
+
+
+def test_periodic_validation_is_recorded(train_folder: Path, val_folder: Path):
+    train = LabeledImages.from_folder(train_folder)
+    val = LabeledImages.from_folder(val_folder, classes=train.classes)
+    result = finetune(
+        fresh_model(), train, small_plan(train, total_steps=6), RunConfig(eval_every=2), val=val
+    )
+    assert [e["step"] for e in result.evaluations] == [2, 4, 6]
+    assert all(0.0 <= e["top1"] <= 1.0 and len(e["confusion"]) == 3 for e in result.evaluations)
+
+
+@pytest.mark.gpu
+def test_cuda_fast_path_trains_in_bf16_channels_last(train_folder: Path):
+    train = LabeledImages.from_folder(train_folder)
+    result = finetune(
+        fresh_model(), train, small_plan(train, total_steps=5), RunConfig(device="cuda")
+    )
+    assert next(result.model.parameters()).is_cuda and result.steps_done == 5
+    assert result.model.root.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
