@@ -1,0 +1,1 @@
+"""The BiT service: HTTP API, auth, inference and the database layer shared with workers."""

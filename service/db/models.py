@@ -1,0 +1,183 @@
+"""The tables. The database is the source of truth for datasets, jobs and models."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every table."""
+
+
+class Timestamped:
+    created_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now()
+    )
+
+
+class ApiKey(Timestamped, Base):
+    """An API key; only its sha256 is stored (keys are random, 256 bits)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # user | admin
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(128), default="")
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Dataset(Timestamped, Base):
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    images: Mapped[list[Image]] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Image(Timestamped, Base):
+    __tablename__ = "images"
+    __table_args__ = (Index("ix_images_dataset_label", "dataset_id", "label"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    label: Mapped[str] = mapped_column(String(256))
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    split: Mapped[str] = mapped_column(String(8), default="train")  # train | val
+    uri: Mapped[str] = mapped_column(String(512))
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class Job(Timestamped, Base):
+    """A fine-tuning or pre-training job; its row carries status, lease and progress."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_kind", "status", "kind"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # finetune | pretrain
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    base_model: Mapped[str] = mapped_column(String(256))
+    mode: Mapped[str] = mapped_column(String(16), default="full")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the resolved plan
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    images_per_s: Mapped[float | None] = mapped_column(Float)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    traceback: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    callback_status: Mapped[str | None] = mapped_column(String(64))
+    model_id: Mapped[int | None] = mapped_column(Integer)
+    run_count: Mapped[int] = mapped_column(Integer, default=0)  # concurrent runs; must stay <= 1
+
+
+class JobMetric(Base):
+    """One point of a job's curves (throttled: not every step)."""
+
+    __tablename__ = "job_metrics"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    lr: Mapped[float | None] = mapped_column(Float)
+    val_top1: Mapped[float | None] = mapped_column(Float)
+    images_per_s: Mapped[float | None] = mapped_column(Float)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class JobEvent(Base):
+    """Attempts, resumes, failures, cancels: a job's history."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Timestamped, Base):
+    """A trained classifier, ready for prediction."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    name: Mapped[str] = mapped_column(String(256), default="")
+    arch: Mapped[str] = mapped_column(String(32))
+    classes: Mapped[list[Any]] = mapped_column(JSON)
+    crop: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str | None] = mapped_column(String(256))
+    plan: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    uri: Mapped[str] = mapped_column(String(512))  # artifact key of the model directory
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="ready")  # ready | archived
+
+
+class BaseModelRecord(Timestamped, Base):
+    """A base model produced here (pre-training) or imported; official ones live on disk."""
+
+    __tablename__ = "base_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    arch: Mapped[str] = mapped_column(String(32))
+    source: Mapped[str] = mapped_column(String(32))  # pretrain | imported
+    uri: Mapped[str] = mapped_column(String(512))
+    sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Worker(Base):
+    """A worker process's heartbeat, for the dashboard."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(128))
+    queues: Mapped[str] = mapped_column(String(128))
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,91 @@
+"""One Settings object, read from the environment (prefix BIT_), shared by API and worker.
+
+Defaults are the embedded mode: SQLite file, local artifact directory and a Celery broker
+that needs no server (kombu's filesystem transport), all under $BIT_HOME (./.bit).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+QUEUES = ("finetune", "pretrain")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; override any with BIT_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="BIT_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path(os.environ.get("BIT_HOME", ".bit")))
+    database_url: str = ""  # default: sqlite:///$BIT_HOME/bit.db
+    broker_url: str = ""  # default: filesystem:// under $BIT_HOME/broker
+    artifacts_url: str = ""  # default: $BIT_HOME/artifacts; any fsspec URL otherwise
+    weights_dir: Path | None = None  # default: $BIT_HOME/weights
+
+    # Jobs: a redelivered message must not start a second run while the first is alive.
+    visibility_timeout_s: int = 48 * 3600  # longer than any job
+    lease_s: int = 120  # a running job's lease; renewed by its heartbeat
+    heartbeat_s: float = 10.0
+    reconcile_every_s: float = 30.0
+    queued_grace_s: float = 60.0  # a queued job older than this without a worker is re-sent
+    max_attempts: int = 3
+    progress_every_s: float = 1.0  # throttle for progress writes to the database
+    checkpoint_every: int = 50
+
+    # Uploads and input checks.
+    max_upload_bytes: int = 200 * 1024**2
+    max_image_bytes: int = 20 * 1024**2
+    max_image_pixels: int = 40_000_000
+    max_zip_members: int = 20_000
+    max_zip_ratio: int = 200  # uncompressed / compressed: above this a zip is a bomb
+    min_images_per_class: int = 2
+    max_classes: int = 1000
+    max_label_chars: int = 128
+
+    # Inference.
+    model_cache_bytes: int = 2 * 1024**3
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 2.0
+    dynamic_batching: bool = True
+    device: str = "auto"
+
+    # Fine-tuning defaults for a CPU-only deployment can be lowered here.
+    default_base_model: str = "BiT-M-R50x1"
+    webhook_secret: str = ""  # signs callback POSTs (HMAC-SHA256); set it in production
+    webhook_timeout_s: float = 10.0
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @model_validator(mode="after")
+    def _embedded_defaults(self) -> Settings:
+        home = self.home.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{home / 'bit.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.artifacts_url:
+            self.artifacts_url = str(home / "artifacts")
+        if self.weights_dir is None:
+            self.weights_dir = Path(os.environ.get("BIT_WEIGHTS_DIR", home / "weights"))
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Message folder of the embedded (filesystem) broker."""
+        return self.home.resolve() / "broker"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings (cached; tests clear the cache or override the dependency)."""
+    return Settings()
