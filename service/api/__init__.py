@@ -1,0 +1,1 @@
+"""HTTP layer: thin routers that parse, call service functions and map errors."""

@@ -1,0 +1,55 @@
+"""Liveness, readiness (database, broker, artifact store) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from service.db.models import Job
+from service.deps import SessionDep, SettingsDep, StoreDep
+from service.metrics import JOBS_BY_STATUS, REGISTRY
+from service.queueing import celery_client
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+def healthz() -> dict[str, str]:
+    """Always 200 while the process runs."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: database, broker and artifact store reachable")
+def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONResponse:
+    """503 with the failing component(s) named if any dependency is down."""
+    checks: dict[str, Any] = {}
+    try:
+        session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means not ready; report it
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    try:
+        with celery_client(settings).connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unreachable: {type(exc).__name__}"
+    try:
+        store.check_writable()
+        checks["artifacts"] = "ok"
+    except OSError as exc:
+        checks["artifacts"] = f"not writable: {exc.strerror or exc}"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+def metrics(session: SessionDep) -> Response:
+    """Request counters and latencies, jobs by status."""
+    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+        JOBS_BY_STATUS.labels(status=status).set(count)
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,28 @@
+"""The FastAPI app factory: thin wiring of routers, error handlers and middleware."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from service.api.routes import health
+from service.errors import install_error_handlers
+from service.metrics import record_request
+from service.settings import Settings, get_settings
+
+API_DESCRIPTION = """
+Few-shot image classification on Big Transfer (BiT). Upload a few labeled images,
+fine-tune a BiT classifier, predict with it. Authenticate with `Authorization: Bearer <key>`.
+Errors are `{"error": {"code": "...", "message": "..."}}` with a stable code.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings` overrides the environment (tests)."""
+    app = FastAPI(title="BiT service", version="0.1.0", description=API_DESCRIPTION)
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings or get_settings()
+    install_error_handlers(app)
+    app.middleware("http")(record_request)
+    app.include_router(health.router)
+    return app

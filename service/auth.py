@@ -1,0 +1,66 @@
+"""API keys: random 256-bit tokens, stored as sha256, sent as `Authorization: Bearer`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.db.models import ApiKey
+
+KEY_PREFIX = "bit_"
+ROLES = ("user", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved from the key on every request."""
+
+    key_id: int
+    tenant: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def hash_key(key: str) -> str:
+    # A plain sha256 suffices: keys are 256 random bits, not guessable passwords.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(
+    session: Session, *, role: str = "user", tenant: str = "default", name: str = ""
+) -> str:
+    """Create a key and return it; only its hash is stored, so it is shown once."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got '{role}'")
+    if not tenant or len(tenant) > 64:
+        raise ValueError("tenant must be 1 to 64 characters")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        ApiKey(prefix=key[:12], key_hash=hash_key(key), role=role, tenant=tenant, name=name)
+    )
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> Principal | None:
+    """The principal of a valid, unrevoked key; None otherwise."""
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+    if row is None or row.revoked:
+        return None
+    now = dt.datetime.now(dt.UTC)
+    last = row.last_used_at
+    if (
+        last is None
+        or (now - (last if last.tzinfo else last.replace(tzinfo=dt.UTC))).total_seconds() > 60
+    ):
+        row.last_used_at = now  # throttled: one write a minute per key, not per request
+        session.commit()
+    return Principal(row.id, row.tenant, row.role)

@@ -1,0 +1,75 @@
+"""Injected types, declared once: settings, DB session, artifact store, the caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.auth import Principal, authenticate
+from service.db.artifacts import ArtifactStore, open_store
+from service.db.session import session_factory
+from service.errors import ApiError
+from service.settings import Settings, get_settings
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = session_factory(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@lru_cache(maxsize=4)
+def _store(url: str, cache: str) -> ArtifactStore:
+    return open_store(url, cache)
+
+
+def get_store(settings: SettingsDep) -> ArtifactStore:
+    return _store(settings.artifacts_url, str(settings.home.resolve() / "cache"))
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def current_principal(request: Request, session: SessionDep) -> Principal:
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(
+            401,
+            "unauthenticated",
+            "missing API key: send 'Authorization: Bearer <key>' (create one with "
+            "`bit admin create-key`)",
+        )
+    principal = authenticate(session, token)
+    if principal is None:
+        raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked")
+    request.state.principal = principal
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(current_principal)]
+
+
+def admin_principal(principal: CurrentUser) -> Principal:
+    if not principal.is_admin:
+        raise ApiError(403, "admin_required", "this action needs an admin API key")
+    return principal
+
+
+CurrentAdmin = Annotated[Principal, Depends(admin_principal)]

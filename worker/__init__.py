@@ -1,0 +1,1 @@
+"""Celery worker: runs fine-tuning and pre-training jobs by id."""
