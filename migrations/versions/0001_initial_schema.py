@@ -137,7 +137,6 @@ def upgrade() -> None:
         sa.Column("callback_url", sa.String(length=2048), nullable=True),
         sa.Column("callback_status", sa.String(length=64), nullable=True),
         sa.Column("model_id", sa.Integer(), nullable=True),
-        sa.Column("run_count", sa.Integer(), nullable=False),
         sa.Column(
             "created_at",
             sa.DateTime(timezone=True),

@@ -107,7 +107,6 @@ class Job(Timestamped, Base):
     callback_url: Mapped[str | None] = mapped_column(String(2048))
     callback_status: Mapped[str | None] = mapped_column(String(64))
     model_id: Mapped[int | None] = mapped_column(Integer)
-    run_count: Mapped[int] = mapped_column(Integer, default=0)  # concurrent runs; must stay <= 1
 
 
 class JobMetric(Base):

@@ -1,0 +1,1 @@
+"""Jobs: creation, lifecycle transitions, leases and progress, shared by API and worker."""

@@ -1,0 +1,102 @@
+"""Job state transitions that must be atomic: take/renew/release the lease, finish.
+
+`queued -> running -> succeeded | failed | cancelled` (+ `cancelling`). A worker runs a job
+only while it holds the lease (a conditional UPDATE on the row), so a redelivered message
+never starts a second concurrent run; the heartbeat renews the lease, and a lease that runs
+out marks the run as dead for the reconciler.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, JobEvent, utcnow
+
+ACTIVE = ("queued", "running", "cancelling")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def add_event(
+    session: Session, job: Job, kind: str, *, worker: str | None = None, detail: str | None = None
+) -> None:
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            kind=kind,
+            attempt=job.attempts,
+            step=job.step,
+            worker=worker,
+            detail=detail,
+        )
+    )
+
+
+def take_lease(session: Session, job_id: int, owner: str, lease_s: float) -> Job | None:
+    """Atomically claim a job for `owner`; None if it is finished or leased by a live run."""
+    now = utcnow()
+    claimed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.status.in_(("queued", "running", "cancelling")),
+            or_(Job.lease_owner.is_(None), Job.lease_expires_at < now, Job.lease_owner == owner),
+        )
+        .values(
+            lease_owner=owner,
+            lease_expires_at=now + dt.timedelta(seconds=lease_s),
+            heartbeat_at=now,
+        )
+    ).rowcount
+    session.commit()
+    if claimed != 1:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def renew_lease(session: Session, job_id: int, owner: str, lease_s: float) -> tuple[bool, bool]:
+    """Heartbeat: extend the lease. Returns (still ours, cancel requested)."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner)
+        .values(heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_s))
+    ).rowcount
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    session.commit()
+    return renewed == 1, bool(cancel)
+
+
+def finish(
+    session: Session,
+    job: Job,
+    status: str,
+    *,
+    owner: str,
+    error: str | None = None,
+    error_code: str | None = None,
+    traceback: str | None = None,
+) -> bool:
+    """Move a leased job to a terminal status once, releasing the lease; False if not ours."""
+    if status not in TERMINAL:
+        raise ValueError(f"not a terminal status: {status}")
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        .values(
+            status=status,
+            finished_at=utcnow(),
+            lease_owner=None,
+            lease_expires_at=None,
+            error=error,
+            error_code=error_code,
+            traceback=traceback,
+            eta_s=0.0 if status == "succeeded" else None,
+        )
+    ).rowcount
+    if done == 1:
+        session.refresh(job)
+        add_event(session, job, status, worker=owner, detail=error)
+    return done == 1

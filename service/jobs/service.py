@@ -1,0 +1,213 @@
+"""Job service functions: create (commit, then enqueue), read, cancel, retry."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from bit_core.hyperrule import OVERRIDABLE, hyperrule
+from bit_core.recipe import BaseModelNotInstalled, resolve_base
+from service.auth import Principal
+from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, utcnow
+from service.errors import ApiError, not_found
+from service.jobs.lifecycle import add_event
+from service.queueing import enqueue_job
+from service.settings import Settings
+
+
+def resolve_base_model(settings: Settings, name: str) -> tuple[str, str]:
+    """(base name, architecture), or a 422 that says how to install a missing base."""
+    try:
+        base = resolve_base(name, settings.weights_dir)
+    except BaseModelNotInstalled as exc:
+        raise ApiError(422, "base_model_not_installed", str(exc)) from exc
+    except ValueError as exc:
+        raise ApiError(422, "unknown_base_model", str(exc)) from exc
+    return base.name, base.arch
+
+
+def _visible_dataset(session: Session, principal: Principal, dataset_id: int) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or (dataset.tenant != principal.tenant and not principal.is_admin):
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def resolve_plan(
+    session: Session,
+    settings: Settings,
+    *,
+    dataset_id: int,
+    arch: str,
+    mode: str,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """The HyperRule plan for a dataset, with the caller's overrides recorded."""
+    counts = dict(
+        session.execute(
+            select(Image.label, func.count())
+            .where(Image.dataset_id == dataset_id, Image.split == "train")
+            .group_by(Image.label)
+        ).all()
+    )
+    small = {label: n for label, n in counts.items() if n < settings.min_images_per_class}
+    if len(counts) < 2 or small:
+        raise ApiError(
+            422,
+            "too_few_images",
+            f"fine-tuning needs at least 2 classes with {settings.min_images_per_class}+ images "
+            f"each; this dataset has {counts or 'no images'}; add images to "
+            f"{sorted(small) or 'more classes'}",
+        )
+    sizes = session.execute(
+        select(Image.height, Image.width).where(Image.dataset_id == dataset_id).limit(1000)
+    ).all()
+    typical = (
+        int(statistics.median(h for h, _ in sizes)),
+        int(statistics.median(w for _, w in sizes)),
+    )
+    accepted = [name for name in OVERRIDABLE if name != "mode"]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ApiError(
+            422,
+            "invalid_overrides",
+            f"unknown override(s) {unknown}; accepted: {', '.join(accepted)}",
+        )
+    try:
+        plan = hyperrule(sum(counts.values()), typical, arch=arch, mode=mode, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(422, "invalid_overrides", f"invalid plan override: {exc}") from exc
+    data = plan.to_dict()
+    data["classes"] = sorted(counts)
+    return data
+
+
+def create_finetune_job(
+    session: Session,
+    settings: Settings,
+    *,
+    principal: Principal,
+    dataset_id: int,
+    base_model: str | None,
+    mode: str,
+    overrides: dict[str, Any],
+    callback_url: str | None,
+) -> Job:
+    """Validate, resolve the plan, commit the job row, then enqueue it (in that order)."""
+    dataset = _visible_dataset(session, principal, dataset_id)
+    base_name, arch = resolve_base_model(settings, base_model or settings.default_base_model)
+    plan = resolve_plan(
+        session, settings, dataset_id=dataset.id, arch=arch, mode=mode, overrides=overrides
+    )
+    job = Job(
+        tenant=dataset.tenant,
+        kind="finetune",
+        status="queued",
+        dataset_id=dataset.id,
+        base_model=base_name,
+        mode=mode,
+        params=plan,
+        total_steps=plan["total_steps"] if mode == "full" else 0,
+        callback_url=callback_url,
+        enqueued_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job, "created")
+    session.commit()  # the row exists before any worker can see the message
+    send(session, settings, job)
+    return job
+
+
+def send(session: Session, settings: Settings, job: Job) -> None:
+    """Enqueue 'run job N'. A broker outage is not fatal: the reconciler re-sends."""
+    try:
+        enqueue_job(settings, job.id, job.kind)
+    except Exception as exc:  # kombu raises many kinds; the job stays queued either way
+        add_event(session, job, "enqueue_failed", detail=f"{type(exc).__name__}: {exc}")
+    else:
+        job.enqueued_at = utcnow()
+    session.commit()
+
+
+def get_job(session: Session, *, principal: Principal, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or (job.tenant != principal.tenant and not principal.is_admin):
+        raise not_found("job", job_id)
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    principal: Principal,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Job], int]:
+    query = select(Job)
+    if not principal.is_admin:
+        query = query.where(Job.tenant == principal.tenant)
+    if status:
+        query = query.where(Job.status == status)
+    if kind:
+        query = query.where(Job.kind == kind)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Job.id.desc()).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def cancel_job(session: Session, *, principal: Principal, job_id: int) -> Job:
+    """Queued jobs stop at once; running ones are asked to stop between steps."""
+    job = get_job(session, principal=principal, job_id=job_id)
+    if job.status in ("succeeded", "failed", "cancelled"):
+        raise ApiError(409, "job_finished", f"job {job.id} already ended ({job.status})")
+    job.cancel_requested = True
+    if job.status == "queued" and job.lease_owner is None:
+        job.status, job.finished_at = "cancelled", utcnow()
+        add_event(session, job, "cancelled", detail="cancelled while queued")
+    elif job.status == "running":
+        job.status = "cancelling"
+        add_event(session, job, "cancel_requested")
+    session.commit()
+    return job
+
+
+def retry_job(session: Session, settings: Settings, *, principal: Principal, job_id: int) -> Job:
+    """Re-run a failed or cancelled job; it resumes from its last checkpoint if any."""
+    job = get_job(session, principal=principal, job_id=job_id)
+    if job.status not in ("failed", "cancelled"):
+        raise ApiError(
+            409,
+            "job_not_retryable",
+            f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
+        )
+    job.status, job.cancel_requested = "queued", False
+    job.error = job.error_code = job.traceback = None
+    job.finished_at = None
+    add_event(session, job, "retried")
+    session.commit()
+    send(session, settings, job)
+    return job
+
+
+def job_curves(session: Session, job_id: int, *, limit: int = 2000) -> list[JobMetric]:
+    return list(
+        session.scalars(
+            select(JobMetric)
+            .where(JobMetric.job_id == job_id)
+            .order_by(JobMetric.step)
+            .limit(limit)
+        )
+    )
+
+
+def job_events(session: Session, job_id: int) -> list[JobEvent]:
+    return list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
+    )
