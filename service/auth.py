@@ -64,3 +64,12 @@ def authenticate(session: Session, key: str) -> Principal | None:
         row.last_used_at = now  # throttled: one write a minute per key, not per request
         session.commit()
     return Principal(row.id, row.tenant, row.role)
+
+
+def has_admin_key(session: Session) -> bool:
+    return (
+        session.scalar(
+            select(ApiKey.id).where(ApiKey.role == "admin", ApiKey.revoked.is_(False)).limit(1)
+        )
+        is not None
+    )

@@ -26,7 +26,10 @@ def broker_options(settings: Settings) -> dict[str, object]:
         }
     # Redis re-delivers unacked messages after visibility_timeout (default 1 h, which would
     # re-run long jobs): make it longer than any job. The DB lease is the second guard.
-    return {"visibility_timeout": settings.visibility_timeout_s}
+    options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s}
+    if settings.broker_key_prefix:
+        options["global_keyprefix"] = settings.broker_key_prefix
+    return options
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=lambda: Path(os.environ.get("BIT_HOME", ".bit")))
     database_url: str = ""  # default: sqlite:///$BIT_HOME/bit.db
     broker_url: str = ""  # default: filesystem:// under $BIT_HOME/broker
+    broker_key_prefix: str = ""  # Redis: namespace the broker's keys (a shared Redis)
     artifacts_url: str = ""  # default: $BIT_HOME/artifacts; any fsspec URL otherwise
     weights_dir: Path | None = None  # default: $BIT_HOME/weights
 

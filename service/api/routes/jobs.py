@@ -1,0 +1,175 @@
+"""Fine-tuning requests and the job endpoints (list, get, cancel, retry, progress stream)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
+from fastapi.responses import StreamingResponse
+from pydantic import HttpUrl, TypeAdapter, ValidationError
+
+from service.datasets.service import create_dataset
+from service.datasets.uploads import parse_multipart_items
+from service.db.session import session_factory
+from service.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from service.errors import ApiError
+from service.jobs import service
+from service.jobs.lifecycle import TERMINAL
+from service.jobs.schemas import (
+    EventRead,
+    FinetuneOverrides,
+    FinetuneRequest,
+    JobDetail,
+    JobPage,
+    JobRead,
+    MetricPoint,
+)
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+
+def _read(job: object) -> JobRead:
+    return JobRead.model_validate(job)
+
+
+@router.post("/finetune", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+def finetune(
+    body: FinetuneRequest, session: SessionDep, settings: SettingsDep, principal: CurrentUser
+) -> JobRead:
+    """Fine-tune a base model on a dataset; answers the queued job with its resolved plan."""
+    job = service.create_finetune_job(
+        session,
+        settings,
+        principal=principal,
+        dataset_id=body.dataset_id,
+        base_model=body.base_model,
+        mode=body.mode,
+        overrides=body.overrides.as_dict(),
+        callback_url=str(body.callback_url) if body.callback_url else None,
+    )
+    return _read(job)
+
+
+@router.post(
+    "/finetune/upload",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+)
+def finetune_upload(
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    principal: CurrentUser,
+    files: Annotated[list[UploadFile], File(description="the labeled images")],
+    labels: Annotated[list[str], Form(description="one label per file, in order")],
+    base_model: Annotated[str | None, Form()] = None,
+    mode: Annotated[str, Form(pattern="^(full|linear)$")] = "full",
+    overrides: Annotated[str, Form(description="JSON object of plan overrides")] = "{}",
+    callback_url: Annotated[str | None, Form()] = None,
+    name: Annotated[str, Form(max_length=256)] = "",
+) -> JobRead:
+    """Upload labeled images and fine-tune on them in one call (a dataset is created)."""
+    try:
+        parsed = FinetuneOverrides.model_validate_json(overrides)
+        url = str(TypeAdapter(HttpUrl).validate_python(callback_url)) if callback_url else None
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{'.'.join(map(str, problem['loc'])) or 'field'}: {problem['msg']}",
+        ) from exc
+    # Check the base before storing anything, so a bad request leaves nothing behind.
+    service.resolve_base_model(settings, base_model or settings.default_base_model)
+    items = parse_multipart_items(files, labels, settings)
+    dataset = create_dataset(
+        session, store, settings, tenant=principal.tenant, name=name, items=items
+    )
+    job = service.create_finetune_job(
+        session,
+        settings,
+        principal=principal,
+        dataset_id=dataset.id,
+        base_model=base_model,
+        mode=mode,
+        overrides=parsed.as_dict(),
+        callback_url=url,
+    )
+    return _read(job)
+
+
+@router.get("/jobs", response_model=JobPage)
+def list_jobs(
+    session: SessionDep,
+    principal: CurrentUser,
+    status_filter: Annotated[str | None, Query(alias="status")] = None,
+    kind: Annotated[str | None, Query(pattern="^(finetune|pretrain)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobPage:
+    """Your jobs, newest first; filter by status and kind."""
+    rows, total = service.list_jobs(
+        session, principal=principal, status=status_filter, kind=kind, limit=limit, offset=offset
+    )
+    return JobPage(items=[_read(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDetail)
+def get_job(job_id: int, session: SessionDep, principal: CurrentUser) -> JobDetail:
+    """A job: status, progress, ETA, plan, metrics, error, curves and history."""
+    job = service.get_job(session, principal=principal, job_id=job_id)
+    detail = JobDetail.model_validate(job)
+    detail.curves = [MetricPoint.model_validate(m) for m in service.job_curves(session, job.id)]
+    detail.events = [EventRead.model_validate(e) for e in service.job_events(session, job.id)]
+    return detail
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobRead)
+def cancel_job(job_id: int, session: SessionDep, principal: CurrentUser) -> JobRead:
+    """Cancel: queued jobs stop at once, running ones between two training steps."""
+    return _read(service.cancel_job(session, principal=principal, job_id=job_id))
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobRead)
+def retry_job(
+    job_id: int, session: SessionDep, settings: SettingsDep, principal: CurrentUser
+) -> JobRead:
+    """Re-run a failed or cancelled job (it resumes from its last checkpoint)."""
+    return _read(service.retry_job(session, settings, principal=principal, job_id=job_id))
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse)
+async def job_events(
+    job_id: int,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: CurrentUser,
+) -> StreamingResponse:
+    """Server-Sent Events: a `progress` event whenever the job changes, `end` when it ends."""
+    service.get_job(session, principal=principal, job_id=job_id)  # 404 before streaming
+    make_session = session_factory(settings.database_url)
+
+    def snapshot() -> JobRead:
+        with make_session() as poll:
+            return _read(service.get_job(poll, principal=principal, job_id=job_id))
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            current = await asyncio.to_thread(snapshot)
+            payload = current.model_dump_json()
+            if payload != last:
+                yield f"event: progress\ndata: {payload}\n\n"
+                last = payload
+            if current.status in TERMINAL:
+                yield f"event: end\ndata: {json.dumps({'status': current.status})}\n\n"
+                return
+            await asyncio.sleep(0.5)  # poll interval of the stream, not a wait for a result
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

@@ -1,0 +1,150 @@
+"""The full `bit` program: the engine's commands plus serve, api, worker, migrate, admin."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from bit_core.cli import build_parser, run
+from service.settings import QUEUES, get_settings
+
+
+def worker_command(queues: Sequence[str], loglevel: str = "INFO") -> list[str]:
+    """A Celery worker on the given queues: solo pool, one job at a time, no forking
+    (CUDA must not be initialised in a parent that forks)."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "--pool",
+        "solo",
+        "--concurrency",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+    ]
+
+
+def _check_queues(queues: list[str]) -> list[str]:
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown:
+        raise ValueError(f"unknown queue(s) {unknown}; the queues are {', '.join(QUEUES)}")
+    return queues
+
+
+def _cmd_migrate(_: argparse.Namespace) -> int:
+    from service.db.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    print(f"database is up to date: {settings.database_url}")
+    return 0
+
+
+def _cmd_create_key(args: argparse.Namespace) -> int:
+    from service.auth import create_key
+    from service.db.migrate import upgrade
+    from service.db.session import session_scope
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        key = create_key(session, role=args.role, tenant=args.tenant, name=args.name)
+    print(key)
+    print(f"(role {args.role}, tenant {args.tenant}; shown once, store it now)", file=sys.stderr)
+    return 0
+
+
+def _serve_api(host: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+def _cmd_api(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _serve_api(args.host or settings.host, args.port or settings.port)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    queues = _check_queues(args.queues.split(","))
+    os.execv(sys.executable, worker_command(queues, args.loglevel))
+    return 0  # not reached
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.auth import has_admin_key
+    from service.db.migrate import upgrade
+    from service.db.session import session_scope
+
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    host, port = args.host or settings.host, args.port or settings.port
+    with session_scope(settings.database_url) as session:
+        needs_key = not has_admin_key(session)
+    print(f"BiT service: state in {settings.home.resolve()}", file=sys.stderr)
+    print(f"  API        http://{host}:{port}/v1   (docs at /docs)", file=sys.stderr)
+    print(f"  dashboard  http://{host}:{port}/admin", file=sys.stderr)
+    if needs_key:
+        print(
+            "  no API key yet: in another terminal run  bit admin create-key --role admin\n"
+            "  and send it as 'Authorization: Bearer <key>'",
+            file=sys.stderr,
+        )
+    worker = subprocess.Popen(worker_command(list(QUEUES), "WARNING"))
+    try:
+        _serve_api(host, port)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def build_service_parser() -> argparse.ArgumentParser:
+    parser, sub = build_parser()
+    p = sub.add_parser("serve", help="run the API and a worker together (embedded default)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(handler=_cmd_serve)
+
+    p = sub.add_parser("api", help="run the HTTP API only")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.set_defaults(handler=_cmd_api)
+
+    p = sub.add_parser("worker", help="run a job worker")
+    p.add_argument("--queues", default=",".join(QUEUES), help="comma-separated: finetune,pretrain")
+    p.add_argument("--loglevel", default="INFO")
+    p.set_defaults(handler=_cmd_worker)
+
+    p = sub.add_parser("migrate", help="bring the database schema up to date")
+    p.set_defaults(handler=_cmd_migrate)
+
+    p = sub.add_parser("admin", help="administration")
+    admin = p.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    k = admin.add_parser("create-key", help="create an API key and print it")
+    k.add_argument("--role", choices=("admin", "user"), default="user")
+    k.add_argument("--tenant", default="default")
+    k.add_argument("--name", default="")
+    k.set_defaults(handler=_cmd_create_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_service_parser(), argv)

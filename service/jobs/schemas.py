@@ -1,0 +1,107 @@
+"""Job schemas: what the API accepts and answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+
+
+class FinetuneOverrides(BaseModel):
+    """Overrides of the BiT-HyperRule plan; anything unset follows the rule."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    base_lr: float | None = Field(None, gt=0, le=10)
+    total_steps: int | None = Field(None, ge=5, le=1_000_000)
+    precrop: int | None = Field(None, ge=16, le=1024)
+    crop: int | None = Field(None, ge=16, le=1024)
+    mixup_alpha: float | None = Field(None, ge=0, le=10)
+    resolution_rule: Literal["paper", "official"] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class FinetuneRequest(BaseModel):
+    """Fine-tune a base model on one of your datasets."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset_id": 1,
+                    "base_model": "BiT-M-R50x1",
+                    "mode": "full",
+                    "overrides": {"batch_size": 64, "total_steps": 200},
+                    "callback_url": "https://example.com/hooks/bit",
+                }
+            ]
+        },
+    )
+    dataset_id: int = Field(..., ge=1)
+    base_model: str | None = Field(None, max_length=256, description="default: the server's")
+    mode: Literal["full", "linear"] = "full"
+    overrides: FinetuneOverrides = Field(default_factory=FinetuneOverrides)
+    callback_url: HttpUrl | None = None
+
+
+class JobRead(BaseModel):
+    """A job as the API shows it."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    kind: str
+    status: str
+    dataset_id: int | None
+    base_model: str
+    mode: str
+    plan: dict[str, Any] = Field(validation_alias="params")
+    progress: float
+    step: int
+    total_steps: int
+    images_per_s: float | None
+    eta_s: float | None
+    metrics: dict[str, Any]
+    error: str | None
+    error_code: str | None
+    attempts: int
+    model_id: int | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobRead]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricPoint(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    step: int
+    loss: float | None
+    lr: float | None
+    val_top1: float | None
+    images_per_s: float | None
+
+
+class EventRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    kind: str
+    attempt: int
+    step: int
+    worker: str | None
+    detail: str | None
+    at: dt.datetime
+
+
+class JobDetail(JobRead):
+    """A job with its curves and history."""
+
+    curves: list[MetricPoint] = []
+    events: list[EventRead] = []

@@ -1,0 +1,43 @@
+"""The worker's Celery app: the shared configuration plus the task registrations.
+
+Start it with `bit worker` (solo pool: one job at a time per process, and CUDA is never
+initialised in a parent that forks).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from celery import signals
+
+from bit_core.device import resolve_device
+from service.queueing import make_celery
+from service.settings import get_settings
+from worker.reconciler import Reconciler
+
+app = make_celery(get_settings())
+app.conf.imports = ("worker.tasks",)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_reconciler: Reconciler | None = None
+
+
+def set_current_job(job_id: int | None) -> None:
+    """Shown on the dashboard's worker list."""
+    if _reconciler is not None:
+        _reconciler.current_job_id = job_id
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    """Each worker also reconciles lost and dead jobs, and heartbeats itself."""
+    global _reconciler
+    settings = get_settings()
+    queues = ",".join(sorted(app.amqp.queues.consume_from or app.amqp.queues))
+    _reconciler = Reconciler(settings, worker_name(), queues, str(resolve_device(settings.device)))
+    _reconciler.start()

@@ -1,0 +1,118 @@
+"""Finds jobs whose message was lost or whose run died, and sends them again.
+
+- `running`/`cancelling` with an expired lease: the run died (kill -9, node lost); it is
+  re-sent and resumes from its checkpoint. A dead `cancelling` job just becomes cancelled.
+- `queued` for longer than the grace period while the broker queue holds fewer messages
+  than there are such jobs: messages were lost (broker restarted without persistence).
+Re-sending is always safe: the DB lease drops duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from datetime import timedelta
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Job, Worker, utcnow
+from service.db.session import session_factory
+from service.jobs.lifecycle import add_event
+from service.jobs.service import send
+from service.queueing import celery_client
+from service.settings import QUEUES, Settings
+
+log = logging.getLogger(__name__)
+
+
+def queue_depths(app: Celery) -> dict[str, int]:
+    """Messages waiting in each queue (passive declare; no queue is created)."""
+    depths = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for name in QUEUES:
+            depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+    return depths
+
+
+def reconcile(session: Session, settings: Settings) -> list[int]:
+    """One pass; returns the ids of the jobs re-sent."""
+    now = utcnow()
+    resent: list[int] = []
+    dead = session.scalars(
+        select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+    ).all()
+    for job in dead:
+        claimed = session.execute(  # only one reconciler acts on a given dead run
+            update(Job)
+            .where(Job.id == job.id, Job.lease_expires_at == job.lease_expires_at)
+            .values(lease_owner=None, lease_expires_at=None)
+        ).rowcount
+        if claimed != 1:
+            continue
+        session.refresh(job)
+        if job.status == "cancelling":
+            job.status, job.finished_at = "cancelled", now
+            add_event(session, job, "cancelled", detail="run died while cancelling")
+            session.commit()
+            continue
+        job.status = "queued"
+        add_event(session, job, "requeued", detail="heartbeat stale: the run died")
+        session.commit()
+        send(session, settings, job)
+        resent.append(job.id)
+
+    stale = now - timedelta(seconds=settings.queued_grace_s)
+    waiting = session.scalars(
+        select(Job).where(
+            Job.status == "queued", Job.lease_owner.is_(None), Job.enqueued_at < stale
+        )
+    ).all()
+    if waiting:
+        depths = queue_depths(celery_client(settings))
+        for kind in QUEUES:
+            jobs = [job for job in waiting if job.kind == kind and job.id not in resent]
+            if jobs and depths.get(kind, 0) < len(jobs):
+                for job in jobs:
+                    add_event(session, job, "resent", detail="message missing from the broker")
+                    send(session, settings, job)
+                    resent.append(job.id)
+    return resent
+
+
+class Reconciler(threading.Thread):
+    """Runs `reconcile` every `reconcile_every_s` and records this worker's heartbeat."""
+
+    def __init__(self, settings: Settings, worker_name: str, queues: str, device: str) -> None:
+        super().__init__(name="reconciler", daemon=True)
+        self.settings, self.worker_name, self.queues, self.device = (
+            settings,
+            worker_name,
+            queues,
+            device,
+        )
+        self.stopped = threading.Event()
+        self.current_job_id: int | None = None
+
+    def beat(self, session: Session) -> None:
+        row = session.get(Worker, self.worker_name) or Worker(name=self.worker_name)
+        row.host, row.device, row.queues = socket.gethostname(), self.device, self.queues
+        row.current_job_id, row.last_seen = self.current_job_id, utcnow()
+        session.merge(row)
+        session.commit()
+
+    def run(self) -> None:
+        make_session = session_factory(self.settings.database_url)
+        while not self.stopped.is_set():
+            try:
+                with make_session() as session:
+                    self.beat(session)
+                    resent = reconcile(session, self.settings)
+                if resent:
+                    log.info("reconciler re-sent jobs %s", resent)
+            except Exception:  # database or broker down: try again next round
+                log.warning("reconcile pass failed", exc_info=True)
+            self.stopped.wait(self.settings.reconcile_every_s)

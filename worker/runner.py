@@ -1,0 +1,243 @@
+"""Runs one fine-tuning job by id: lease, heartbeat, train (resuming), register the model.
+
+The task is redelivered if the process dies; the lease makes the redelivery wait until the
+dead run's lease expires (no two runs at once), and the checkpoint makes it resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.datasets.service import labeled_images
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from bit_core.checkpoint import sha256_file
+from bit_core.hyperrule import Plan
+from bit_core.images import ImageDecodeError
+from bit_core.npz import CheckpointError
+from bit_core.recipe import resolve_base, run_finetune
+from bit_core.train import Progress, RunConfig
+from service.db.artifacts import ArtifactStore, open_store
+from service.db.models import Job, JobMetric, Model
+from service.db.session import session_factory
+from service.jobs.lifecycle import add_event, finish, renew_lease, take_lease
+from service.settings import Settings
+from worker.webhook import deliver_result
+
+log = logging.getLogger(__name__)
+
+# Errors of the input, not of the machine: reported with a code, not a traceback.
+USER_ERRORS: dict[type[BaseException], str] = {
+    ImageDecodeError: "invalid_image",
+    CheckpointError: "invalid_base_weights",
+    FloatingPointError: "training_diverged",
+}
+
+
+@dataclass
+class RunState:
+    """Shared between the training thread and the heartbeat thread."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    lease_lost: bool = False
+    cancelled: bool = False
+
+
+def artifact_store(settings: Settings) -> ArtifactStore:
+    return open_store(settings.artifacts_url, settings.home.resolve() / "cache")
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every `heartbeat_s`; flags cancel requests and a lost lease."""
+
+    def __init__(self, settings: Settings, job_id: int, owner: str, state: RunState) -> None:
+        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
+        self.settings, self.job_id, self.owner, self.state = settings, job_id, owner, state
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        make_session = session_factory(self.settings.database_url)
+        while not self.done.wait(self.settings.heartbeat_s):
+            try:
+                with make_session() as session:
+                    ours, cancel = renew_lease(
+                        session, self.job_id, self.owner, self.settings.lease_s
+                    )
+            except Exception:  # a DB blip: try again next beat; the lease has slack
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+                continue
+            if not ours:
+                self.state.lease_lost = True
+            if cancel:
+                self.state.cancelled = True
+            if not ours or cancel:
+                self.state.stop.set()
+
+
+class ProgressWriter:
+    """Throttled progress: at most one DB write per `progress_every_s` (and the last step)."""
+
+    def __init__(self, session: Session, settings: Settings, job: Job, owner: str, state: RunState):
+        self.session, self.settings, self.job, self.owner, self.state = (
+            session,
+            settings,
+            job,
+            owner,
+            state,
+        )
+        self.last = 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if (
+            now - self.last < self.settings.progress_every_s
+            and progress.step < progress.total_steps
+        ):
+            return
+        self.last = now
+        values = {
+            "step": progress.step,
+            "total_steps": progress.total_steps,
+            "progress": progress.step / max(1, progress.total_steps),
+            "images_per_s": progress.images_per_s,
+            "eta_s": progress.eta_s,
+        }
+        self.session.execute(
+            update(Job).where(Job.id == self.job.id, Job.lease_owner == self.owner).values(**values)
+        )
+        loss = progress.loss if progress.loss == progress.loss else None  # NaN -> NULL
+        self.session.add(
+            JobMetric(
+                job_id=self.job.id,
+                step=progress.step,
+                loss=loss,
+                lr=progress.lr,
+                images_per_s=progress.images_per_s,
+            )
+        )
+        cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job.id))
+        self.session.commit()
+        if cancel:  # react within a step or two, not a heartbeat later
+            self.state.cancelled = True
+            self.state.stop.set()
+
+
+def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
+    """Run job `job_id` if it can be claimed; returns what happened (for logs and tests)."""
+    make_session = session_factory(settings.database_url)
+    with make_session() as session:
+        job = take_lease(session, job_id, owner, settings.lease_s)
+        if job is None:
+            return "skipped"  # finished, or a live run holds it: drop this delivery
+        if job.cancel_requested:
+            finish(session, job, "cancelled", owner=owner)
+            session.commit()
+            return "cancelled"
+        store = artifact_store(settings)
+        job_dir = store.local_dir(f"jobs/{job.id}")
+        checkpoint = job_dir / "state.safetensors"
+        resuming = checkpoint.exists()
+        job.status = "running"
+        job.attempts += 1
+        job.started_at = job.started_at or job.heartbeat_at
+        add_event(session, job, "resumed" if resuming else "started", worker=owner)
+        session.commit()
+
+        state = RunState()
+        heartbeat = Heartbeat(settings, job.id, owner, state)
+        heartbeat.start()
+        try:
+            outcome = _train_and_register(session, settings, store, job, owner, state, checkpoint)
+        except Exception as exc:
+            session.rollback()
+            code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), None)
+            finish(
+                session,
+                job,
+                "failed",
+                owner=owner,
+                error=f"{type(exc).__name__}: {exc}" if code is None else str(exc),
+                error_code=code or "internal_error",
+                traceback=None if code else traceback.format_exc(),
+            )
+            session.commit()
+            outcome = "failed"
+        finally:
+            heartbeat.done.set()
+            heartbeat.join()
+        if outcome in ("succeeded", "failed", "cancelled") and job.callback_url:
+            deliver_result(settings, session, job)
+        return outcome
+
+
+def _train_and_register(
+    session: Session,
+    settings: Settings,
+    store: ArtifactStore,
+    job: Job,
+    owner: str,
+    state: RunState,
+    checkpoint: Path,
+) -> str:
+    plan = Plan.from_dict(job.params)
+    assert job.dataset_id is not None, "fine-tuning jobs always have a dataset"
+    train = labeled_images(session, store, job.dataset_id)
+    if list(train.classes) != job.params.get("classes", list(train.classes)):
+        raise ValueError(
+            f"the dataset's classes changed since job {job.id} was created; create a new job"
+        )
+    base = resolve_base(job.base_model, settings.weights_dir)
+    model_key = f"jobs/{job.id}/model"
+    result, info = run_finetune(
+        train,
+        base,
+        plan,
+        store.local_dir(model_key),
+        config=RunConfig(
+            seed=job.id, device=settings.device, checkpoint_every=settings.checkpoint_every
+        ),
+        checkpoint_path=checkpoint,
+        on_progress=ProgressWriter(session, settings, job, owner, state),
+        should_stop=state.stop.is_set,
+    )
+    if state.lease_lost:
+        return "lease_lost"  # another run owns the job now; leave everything to it
+    if info is None:
+        finish(session, job, "cancelled", owner=owner)
+        session.commit()
+        return "cancelled"
+    weights = store.local_dir(model_key) / "weights.safetensors"
+    if sha256_file(weights) != info.sha256:
+        raise OSError(f"model file of job {job.id} is corrupt after writing; retry the job")
+    model = Model(
+        tenant=job.tenant,
+        job_id=job.id,
+        name=f"job-{job.id}",
+        arch=info.arch,
+        classes=info.classes,
+        crop=info.crop,
+        base_model=info.base_model,
+        plan=info.plan,
+        metrics=info.metrics,
+        uri=model_key,
+        sha256=info.sha256,
+        size_bytes=weights.stat().st_size,
+    )
+    session.add(model)
+    session.flush()
+    job.model_id = model.id
+    job.metrics = info.metrics
+    job.step = result.steps_done
+    job.progress = 1.0
+    # One transaction: the model row exists exactly when the job says succeeded.
+    if not finish(session, job, "succeeded", owner=owner):
+        session.rollback()
+        return "lease_lost"
+    session.commit()
+    return "succeeded"

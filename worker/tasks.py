@@ -1,0 +1,17 @@
+"""Celery tasks: take a job id, run it. Nothing else lives here."""
+
+from __future__ import annotations
+
+from service.settings import get_settings
+from worker.celery_app import app, set_current_job, worker_name
+from worker.runner import run_finetune_job
+
+
+@app.task(name="bit.finetune")
+def finetune(job_id: int) -> str:
+    """Run fine-tuning job `job_id` (resuming from its checkpoint if it has one)."""
+    set_current_job(job_id)
+    try:
+        return run_finetune_job(get_settings(), job_id, worker_name())
+    finally:
+        set_current_job(None)
