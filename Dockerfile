@@ -1,0 +1,20 @@
+# One image for the API, the migrate step and both workers; the command picks the role.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 BIT_HOME=/data
+WORKDIR /app
+
+# torch: a GPU deployment installs the CUDA build of the same release (the default wheel
+# from PyPI for linux x86_64 is the CUDA build).
+COPY pyproject.toml README.md ./
+COPY bit_core ./bit_core
+COPY service ./service
+COPY worker ./worker
+COPY migrations ./migrations
+COPY alembic.ini ./
+RUN pip install --no-cache-dir .
+
+RUN useradd --create-home --uid 1000 bit && mkdir -p /data && chown bit /data
+USER bit
+EXPOSE 8000
+CMD ["bit", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,176 @@
+"""Dynamic batching: concurrent predict calls for one model share a forward pass.
+
+Each model has a lane: a queue of preprocessed row chunks and a collector task. The
+collector takes the oldest chunk, then waits at most `max_wait_s` for more (or until
+`max_batch_size` rows), and runs one forward for all of them. While that forward runs,
+new calls queue up, so under load batches grow by themselves and at low load a call
+waits at most `max_wait_s`. A lane's collector exits when its queue is empty; the next
+call starts a new one, so idle models cost nothing.
+
+Every forward, of every model, runs on one dedicated thread: the event loop never blocks
+on a model, and forwards never compete with each other for the CPU cores (PyTorch
+already uses them all inside one forward).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from service.errors import ApiError
+from service.metrics import PREDICT_BATCH
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""A model forward: preprocessed rows (N, ...) -> probabilities (N, C)."""
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(
+        503,
+        "shutting_down",
+        "the server is shutting down; retry the request in a few seconds",
+        retry_after=5,
+    )
+
+
+@dataclass
+class _Chunk:
+    forward: Forward
+    rows: torch.Tensor
+    future: asyncio.Future[torch.Tensor]
+
+
+@dataclass
+class _Lane:
+    """One model's waiting chunks and the task that batches them."""
+
+    queue: deque[_Chunk] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """Batches concurrent forwards per model and runs them one at a time on one thread.
+
+    Args:
+        max_batch_size: most rows in one forward; a call with more rows is split.
+        max_wait_s: longest time the first chunk of a batch waits for company.
+        enabled: False runs every call alone (still on the forward thread).
+    """
+
+    def __init__(
+        self, *, max_batch_size: int = 32, max_wait_s: float = 0.002, enabled: bool = True
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.enabled = enabled
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bit-forward")
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._closed = False
+
+    def queued(self, key: Hashable) -> int:
+        """Chunks waiting for a forward in a model's lane (observability and tests)."""
+        lane = self._lanes.get(key)
+        return len(lane.queue) if lane is not None else 0
+
+    async def run(self, key: Hashable, forward: Forward, rows: torch.Tensor) -> torch.Tensor:
+        """Probabilities for `rows`, computed with concurrent calls sharing the same `key`.
+
+        `key` names the model (its id); calls with one key must pass the same model's
+        forward, since their rows are concatenated into one batch.
+        """
+        if self._closed:
+            raise _shutting_down()
+        chunks = rows.split(self.max_batch_size)
+        if not self.enabled:
+            return torch.cat([await self._forward(forward, chunk) for chunk in chunks])
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        futures: list[asyncio.Future[torch.Tensor]] = []
+        for chunk in chunks:
+            futures.append(loop.create_future())
+            lane.queue.append(_Chunk(forward, chunk, futures[-1]))
+        lane.arrived.set()
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._collect(key, lane), name=f"batcher:{key}")
+        # A cancelled caller (client gone) cancels its futures; the collector skips them.
+        return torch.cat(await asyncio.gather(*futures))
+
+    async def _collect(self, key: Hashable, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while lane.queue:
+                batch = [lane.queue.popleft()]
+                size = len(batch[0].rows)
+                deadline = loop.time() + self.max_wait_s
+                while size < self.max_batch_size:
+                    if lane.queue:
+                        if size + len(lane.queue[0].rows) > self.max_batch_size:
+                            break  # it leads the next batch
+                        batch.append(lane.queue.popleft())
+                        size += len(batch[-1].rows)
+                        continue
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    lane.arrived.clear()
+                    try:
+                        await asyncio.wait_for(lane.arrived.wait(), remaining)
+                    except TimeoutError:
+                        break
+                await self._run_batch([c for c in batch if not c.future.done()])
+        finally:
+            # No await between the empty check and this: a new call either saw this lane
+            # (and its chunk was taken above) or finds no lane and starts a fresh one.
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+
+    async def _run_batch(self, batch: list[_Chunk]) -> None:
+        if not batch:
+            return
+        rows = batch[0].rows if len(batch) == 1 else torch.cat([c.rows for c in batch])
+        try:
+            probabilities = await self._forward(batch[0].forward, rows)
+        except Exception as exc:
+            for chunk in batch:
+                if not chunk.future.done():
+                    chunk.future.set_exception(exc)
+            return
+        parts = probabilities.split([len(c.rows) for c in batch])
+        for chunk, part in zip(batch, parts, strict=True):
+            if not chunk.future.done():
+                chunk.future.set_result(part)
+
+    async def _forward(self, forward: Forward, rows: torch.Tensor) -> torch.Tensor:
+        PREDICT_BATCH.observe(len(rows))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, forward, rows)
+
+    async def aclose(self, timeout_s: float = 30.0) -> None:
+        """Refuse new calls, finish queued ones (up to `timeout_s`), stop the thread."""
+        self._closed = True
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for lane in list(self._lanes.values()):
+            for chunk in lane.queue:
+                if not chunk.future.done():
+                    chunk.future.set_exception(_shutting_down())
+        self._lanes.clear()
+        # Waits for a forward still running on the thread, without blocking the loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
