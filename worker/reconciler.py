@@ -29,12 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def queue_depths(app: Celery) -> dict[str, int]:
-    """Messages waiting in each queue (passive declare; no queue is created)."""
+    """Messages waiting in each of the app's queues.
+
+    The declare is not passive: a virtual transport (Redis) knows a queue only once this
+    channel has declared it, and declaring one of our own queues again is harmless.
+    """
     depths = {}
     with app.connection_for_read() as connection:
         channel = connection.default_channel
-        for name in QUEUES:
-            depths[name] = channel.queue_declare(queue=name, passive=True).message_count
+        for queue in app.conf.task_queues:
+            depths[queue.name] = queue(channel).queue_declare().message_count
     return depths
 
 
@@ -42,6 +46,14 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
     """One pass; returns the ids of the jobs re-sent."""
     now = utcnow()
     resent: list[int] = []
+    stale = now - timedelta(seconds=settings.queued_grace_s)
+    waiting = session.scalars(
+        select(Job).where(
+            Job.status == "queued", Job.lease_owner.is_(None), Job.enqueued_at < stale
+        )
+    ).all()
+    # Measured before this pass sends anything, so its own messages are not counted.
+    depths = queue_depths(celery_client(settings)) if waiting else {}
     dead = session.scalars(
         select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
     ).all()
@@ -65,21 +77,13 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
         send(session, settings, job)
         resent.append(job.id)
 
-    stale = now - timedelta(seconds=settings.queued_grace_s)
-    waiting = session.scalars(
-        select(Job).where(
-            Job.status == "queued", Job.lease_owner.is_(None), Job.enqueued_at < stale
-        )
-    ).all()
-    if waiting:
-        depths = queue_depths(celery_client(settings))
-        for kind in QUEUES:
-            jobs = [job for job in waiting if job.kind == kind and job.id not in resent]
-            if jobs and depths.get(kind, 0) < len(jobs):
-                for job in jobs:
-                    add_event(session, job, "resent", detail="message missing from the broker")
-                    send(session, settings, job)
-                    resent.append(job.id)
+    for kind in QUEUES:
+        jobs = [job for job in waiting if job.kind == kind]
+        if jobs and depths.get(kind, 0) < len(jobs):
+            for job in jobs:
+                add_event(session, job, "resent", detail="message missing from the broker")
+                send(session, settings, job)
+                resent.append(job.id)
     return resent
 
 

@@ -1,0 +1,72 @@
+"""Models: list, read, archive, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from service.deps import CurrentUser, SessionDep, StoreDep
+from service.inference import InferenceDep
+from service.models import service
+from service.models.schemas import ModelPage, ModelRead
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+NOT_FOUND = {404: {"description": "`model_not_found`: no such model for this API key"}}
+
+
+@router.get("", response_model=ModelPage, summary="List models")
+def list_models(
+    session: SessionDep,
+    principal: CurrentUser,
+    status: Annotated[str | None, Query(description="ready | archived")] = None,
+    tenant: Annotated[str | None, Query(description="admins only: one tenant's models")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ModelPage:
+    """Your tenant's models, newest first (admins see every tenant's)."""
+    rows, total = service.list_models(
+        session, principal=principal, status=status, tenant=tenant, limit=limit, offset=offset
+    )
+    return ModelPage(
+        items=[ModelRead.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{model_id}", response_model=ModelRead, summary="Get a model", responses=NOT_FOUND)
+def get_model(model_id: int, session: SessionDep, principal: CurrentUser) -> ModelRead:
+    """A model's classes, metrics, base model, training plan and job."""
+    model = service.get_model(session, principal=principal, model_id=model_id)
+    return ModelRead.model_validate(model)
+
+
+@router.post(
+    "/{model_id}/archive", response_model=ModelRead, summary="Archive a model", responses=NOT_FOUND
+)
+def archive_model(
+    model_id: int, session: SessionDep, principal: CurrentUser, inference: InferenceDep
+) -> ModelRead:
+    """Stop serving a model (predict answers 409) and free its memory; files are kept."""
+    model = service.archive_model(session, principal=principal, model_id=model_id)
+    # Only this process's cache: other API processes still refuse it, since predict reads
+    # the row's status on every call; their copy just ages out of their LRU.
+    inference.evict(model_id)
+    return ModelRead.model_validate(model)
+
+
+@router.delete("/{model_id}", status_code=204, summary="Delete a model", responses=NOT_FOUND)
+def delete_model(
+    model_id: int,
+    session: SessionDep,
+    principal: CurrentUser,
+    store: StoreDep,
+    inference: InferenceDep,
+) -> Response:
+    """Delete a model and its files, for good."""
+    service.delete_model(session, principal=principal, model_id=model_id, store=store)
+    inference.evict(model_id)
+    return Response(status_code=204)

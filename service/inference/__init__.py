@@ -1,0 +1,147 @@
+"""Inference in the API process: a memory-bounded model cache and dynamic batching.
+
+`Inference` ties them together for one predict call: load (cached) → decode and resize on
+decode threads → batched forward on the single forward thread → top-k. One instance
+lives on `app.state.inference`, created on first use and closed with the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+
+from bit_core.images import ImageDecodeError
+from bit_core.predict import Prediction, Predictor
+from service.db.artifacts import ArtifactStore
+from service.deps import get_store
+from service.errors import ApiError
+from service.inference.batcher import Batcher
+from service.inference.cache import ModelCache, ModelRef, load_from_store
+from service.settings import Settings
+
+__all__ = [
+    "Batcher",
+    "Inference",
+    "InferenceDep",
+    "ModelCache",
+    "ModelRef",
+    "get_inference",
+    "install",
+]
+
+
+def _image_error(exc: ImageDecodeError) -> ApiError:
+    if exc.code == "image_too_large":
+        return ApiError(413, "image_too_large", str(exc), file=exc.name)
+    return ApiError(422, "invalid_image", str(exc), file=exc.name)
+
+
+class Inference:
+    """Loaded models, decode threads and the batcher of one API process."""
+
+    def __init__(self, cache: ModelCache, batcher: Batcher, *, decode_threads: int = 4) -> None:
+        self.cache = cache
+        self.batcher = batcher
+        # Decoding is Pillow work that mostly releases the GIL; its own pool keeps it from
+        # starving the threads that serve FastAPI's sync routes.
+        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="bit-decode")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: ArtifactStore) -> Inference:
+        """Cache budget, batch size, wait and device as configured."""
+        loader = partial(load_from_store, store, device=settings.device)
+        return cls(
+            ModelCache(loader, settings.model_cache_bytes),
+            Batcher(
+                max_batch_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000,
+                enabled=settings.dynamic_batching,
+            ),
+            decode_threads=min(4, os.cpu_count() or 1),
+        )
+
+    async def predictor(self, ref: ModelRef) -> Predictor:
+        """The model's predictor, loaded off the event loop on first use."""
+        return await asyncio.to_thread(self.cache.get, ref)
+
+    async def predict(
+        self, ref: ModelRef, sources: list[bytes], names: list[str], *, top_k: int
+    ) -> list[list[Prediction]]:
+        """Top-k predictions per image, in input order.
+
+        Images go through in chunks of one batch: a chunk is decoded while the previous
+        one runs, and at most a batch of decoded pixels waits per chunk.
+        """
+        predictor = await self.predictor(ref)
+        loop = asyncio.get_running_loop()
+        step = self.batcher.max_batch_size
+
+        async def chunk(start: int) -> torch.Tensor:
+            rows = await loop.run_in_executor(
+                self._decode,
+                predictor.preprocess,
+                list(sources[start : start + step]),
+                names[start : start + step],
+            )
+            return await self.batcher.run(ref.id, predictor.probabilities, rows)
+
+        results = await asyncio.gather(
+            *(chunk(start) for start in range(0, len(sources), step)), return_exceptions=True
+        )
+        # The first failure in input order, so the error names the first bad file.
+        for result in results:
+            if isinstance(result, ImageDecodeError):
+                raise _image_error(result)
+            if isinstance(result, BaseException):
+                raise result
+        probabilities = torch.cat([r for r in results if isinstance(r, torch.Tensor)])
+        return predictor.top_k(probabilities, top_k)
+
+    def evict(self, model_id: int) -> None:
+        """Forget a model (archived or deleted) so its memory is freed."""
+        self.cache.evict(model_id)
+
+    async def aclose(self) -> None:
+        """Finish queued forwards, stop the threads, drop the models."""
+        await self.batcher.aclose()
+        self._decode.shutdown(wait=False, cancel_futures=True)
+        self.cache.clear()
+
+
+async def get_inference(request: Request) -> Inference:
+    """The app's Inference, created on first use (async: no two requests race to make it)."""
+    state = request.app.state
+    inference: Inference | None = getattr(state, "inference", None)
+    if inference is None:
+        settings: Settings = state.settings
+        inference = state.inference = Inference.from_settings(settings, get_store(settings))
+    return inference
+
+
+InferenceDep = Annotated[Inference, Depends(get_inference)]
+
+
+def install(app: FastAPI) -> None:
+    """Close the app's Inference at shutdown, around whatever lifespan the app already has."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        async with inner(app_) as state:
+            try:
+                yield state
+            finally:
+                inference: Inference | None = getattr(app.state, "inference", None)
+                app.state.inference = None
+                if inference is not None:
+                    await inference.aclose()
+
+    app.router.lifespan_context = lifespan

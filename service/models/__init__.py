@@ -1,0 +1,1 @@
+"""Trained models: schemas and service functions (table: service.db.models.Model)."""

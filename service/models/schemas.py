@@ -1,0 +1,144 @@
+"""Request and response shapes of the models and predict endpoints."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+MODEL_EXAMPLE: dict[str, Any] = {
+    "id": 7,
+    "tenant": "acme",
+    "name": "defects-v2",
+    "job_id": 12,
+    "arch": "R50x1",
+    "base_model": "BiT-M-R50x1",
+    "classes": ["crack", "dent", "ok"],
+    "num_classes": 3,
+    "crop": 128,
+    "plan": {"steps": 500, "batch_size": 512, "base_lr": 0.003, "resize": 160, "crop": 128},
+    "metrics": {"val_top1": 0.96, "per_class": {"crack": 0.95, "dent": 0.93, "ok": 1.0}},
+    "version": "3f2a9c1d0b7e",
+    "sha256": "3f2a9c1d0b7e" + "0" * 52,
+    "size_bytes": 94_000_000,
+    "status": "ready",
+    "created_at": "2025-01-01T12:00:00Z",
+}
+
+
+def model_version(sha256: str) -> str:
+    """A short, stable version string: the first 12 hex digits of the weights' sha256."""
+    return sha256[:12]
+
+
+class ModelBase(BaseModel):
+    """What describes a trained classifier."""
+
+    name: str = ""
+    arch: str = Field(description="ResNet-v2 architecture, e.g. R50x1")
+    base_model: str | None = Field(None, description="the base model it was fine-tuned from")
+    classes: list[str] = Field(description="class names, in the order of the model's outputs")
+    crop: int = Field(description="input resolution (square) used for prediction")
+    plan: dict[str, Any] = Field(default_factory=dict, description="the resolved training plan")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics")
+
+
+class ModelRead(ModelBase):
+    """A model as the API shows it."""
+
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [MODEL_EXAMPLE]})
+
+    id: int
+    tenant: str
+    job_id: int | None = Field(description="the fine-tuning job that produced it")
+    sha256: str = Field(description="sha256 of the weights file")
+    size_bytes: int
+    status: str = Field(description="ready | archived")
+    created_at: dt.datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def version(self) -> str:
+        """The first 12 hex digits of the weights' sha256 (what predict answers with)."""
+        return model_version(self.sha256)
+
+
+class ModelPage(BaseModel):
+    """One page of models, newest first."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [MODEL_EXAMPLE], "total": 1, "limit": 50, "offset": 0}]
+        }
+    )
+
+    items: list[ModelRead]
+    total: int = Field(description="models matching the filter, over all pages")
+    limit: int
+    offset: int
+
+
+class PredictJson(BaseModel):
+    """JSON form of a predict call: images as base64 strings."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model_id": 7, "images": ["iVBORw0KGgoAAAANSUhEUgAA..."], "top_k": 3}]
+        },
+    )
+
+    model_id: int = Field(description="id of a ready model (GET /v1/models)")
+    images: list[str] = Field(
+        description="base64 image files (JPEG, PNG, WebP, ...); a data: URL prefix is allowed"
+    )
+    top_k: int = Field(5, description="classes to return per image, most likely first (1-1000)")
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    """The top classes of one image."""
+
+    filename: str | None = Field(None, description="the uploaded file's name (multipart only)")
+    top_k: list[LabelProbability]
+
+
+class PredictResponse(BaseModel):
+    """Predictions, one entry per image in the order sent."""
+
+    model_config = ConfigDict(
+        protected_namespaces=(),  # `model_id` / `model_version` are the API's words
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": 7,
+                    "model_version": "3f2a9c1d0b7e",
+                    "predictions": [
+                        {
+                            "filename": "part-0041.jpg",
+                            "top_k": [
+                                {"label": "crack", "probability": 0.91},
+                                {"label": "dent", "probability": 0.07},
+                            ],
+                        }
+                    ],
+                    "time_ms": 38.2,
+                }
+            ]
+        },
+    )
+
+    model_id: int
+    model_version: str = Field(description="the first 12 hex digits of the weights' sha256")
+    predictions: list[ImagePrediction]
+    time_ms: float = Field(description="time spent on the server, in milliseconds")

@@ -1,0 +1,194 @@
+"""Models: listing, lookup with tenant isolation, archive, delete; predict-input checks.
+
+Keyword-only functions taking the DB session. A caller sees its own tenant's models;
+admins see every tenant's. Another tenant's model answers exactly like a missing one
+(404), so ids reveal nothing across tenants.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from service.auth import Principal
+from service.db.artifacts import ArtifactStore
+from service.db.models import Job, Model
+from service.errors import ApiError
+from service.inference.cache import ModelRef
+
+log = logging.getLogger(__name__)
+
+MODEL_STATUSES = ("ready", "archived")
+MAX_IMAGES_PER_REQUEST = 256
+MAX_TOP_K = 1000
+_UNFINISHED_JOB = ("queued", "running", "cancelling")
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def _visible(principal: Principal) -> Select[tuple[Model]]:
+    query = select(Model)
+    return query if principal.is_admin else query.where(Model.tenant == principal.tenant)
+
+
+def list_models(
+    session: Session,
+    *,
+    principal: Principal,
+    status: str | None = None,
+    tenant: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Model], int]:
+    """A page of the caller's models (newest first) and the total count."""
+    query = _visible(principal)
+    if status is not None:
+        if status not in MODEL_STATUSES:
+            raise ApiError(
+                422, "invalid_status", f"status must be one of {', '.join(MODEL_STATUSES)}"
+            )
+        query = query.where(Model.status == status)
+    if tenant is not None:
+        if not principal.is_admin:
+            raise ApiError(403, "admin_required", "filtering by tenant needs an admin API key")
+        query = query.where(Model.tenant == tenant)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Model.created_at.desc(), Model.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def _not_found(session: Session, principal: Principal, model_id: int) -> ApiError:
+    """404, with a hint when the id is really a job's that has not produced a model yet."""
+    message = f"model {model_id} does not exist; list your models with GET /v1/models"
+    job = session.get(Job, model_id)
+    if job is not None and (principal.is_admin or job.tenant == principal.tenant):
+        if job.status in _UNFINISHED_JOB:
+            message = (
+                f"model {model_id} does not exist, but job {model_id} is {job.status}: "
+                f"wait for it to succeed (GET /v1/jobs/{model_id}), then use the model_id "
+                "it reports"
+            )
+        elif job.status == "succeeded" and job.model_id is not None:
+            message = (
+                f"model {model_id} does not exist; job {model_id} produced model "
+                f"{job.model_id}: pass model_id={job.model_id}"
+            )
+    return ApiError(404, "model_not_found", message)
+
+
+def get_model(session: Session, *, principal: Principal, model_id: int) -> Model:
+    """The model if the caller may see it; 404 `model_not_found` otherwise."""
+    model = session.get(Model, model_id)
+    if model is None or not (principal.is_admin or model.tenant == principal.tenant):
+        raise _not_found(session, principal, model_id)
+    return model
+
+
+def model_for_prediction(session: Session, *, principal: Principal, model_id: int) -> Model:
+    """A visible, ready model; 404 `model_not_found` or 409 `model_archived` otherwise."""
+    model = get_model(session, principal=principal, model_id=model_id)
+    if model.status == "archived":
+        raise ApiError(
+            409,
+            "model_archived",
+            f"model {model_id} is archived and no longer serves predictions; use a ready "
+            "model (GET /v1/models?status=ready) or fine-tune a new one",
+        )
+    return model
+
+
+def model_ref(model: Model) -> ModelRef:
+    """The plain values the inference cache needs (ORM rows stay in their session)."""
+    return ModelRef(id=model.id, uri=model.uri, sha256=model.sha256)
+
+
+def archive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
+    """Mark a model archived (idempotent); predict then answers 409 `model_archived`."""
+    model = get_model(session, principal=principal, model_id=model_id)
+    if model.status != "archived":
+        model.status = "archived"
+        session.commit()
+    return model
+
+
+def delete_model(
+    session: Session, *, principal: Principal, model_id: int, store: ArtifactStore
+) -> None:
+    """Delete a model's row, then its files."""
+    model = get_model(session, principal=principal, model_id=model_id)
+    uri = model.uri
+    session.delete(model)
+    session.commit()
+    # Row first: a crash in between leaves unreferenced files (harmless), never a row
+    # pointing at deleted files.
+    try:
+        store.delete_prefix(uri)
+    except OSError:
+        log.exception("model %s deleted, but its files at %r could not be removed", model_id, uri)
+
+
+# --- predict inputs -------------------------------------------------------------------
+
+
+def check_top_k(top_k: int) -> int:
+    """1..1000, else 422 `invalid_top_k`."""
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ApiError(
+            422,
+            "invalid_top_k",
+            f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}; it is capped at the "
+            "model's class count anyway",
+        )
+    return top_k
+
+
+def check_image_count(count: int) -> None:
+    """At least one image and at most MAX_IMAGES_PER_REQUEST."""
+    if count == 0:
+        raise ApiError(
+            422, "no_images", "send at least one image: multipart `files` or JSON `images`"
+        )
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{count} images in one call; send at most {MAX_IMAGES_PER_REQUEST} per call "
+            "and split the rest into more calls",
+        )
+
+
+def check_image_size(name: str, size: int, max_bytes: int) -> None:
+    """413 `image_too_large` naming the file when it is over `max_bytes`."""
+    if size > max_bytes:
+        raise ApiError(
+            413,
+            "image_too_large",
+            f"{name}: {size} bytes is over the limit of {max_bytes} per image; "
+            "downscale or re-compress it",
+            file=name,
+        )
+
+
+def decode_base64_image(data: str, *, index: int, max_bytes: int) -> bytes:
+    """The bytes of JSON `images[index]`; 422 `invalid_base64` or 413 `image_too_large`."""
+    name = f"images[{index}]"
+    text = _DATA_URL.sub("", data.strip(), count=1)
+    text = "".join(text.split())  # line breaks (MIME-style base64) are allowed
+    # 4 characters carry 3 bytes: refuse before decoding what would be too large anyway.
+    check_image_size(name, len(text) * 3 // 4 - text.count("=", -2), max_bytes)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(
+            422,
+            "invalid_base64",
+            f"{name} is not valid base64 ({exc}); send each image file's bytes base64-encoded "
+            "(standard alphabet, with padding)",
+            field=name,
+        ) from exc

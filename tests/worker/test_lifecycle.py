@@ -1,0 +1,83 @@
+"""Leases, terminal transitions and the reconciler, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+
+from service.db.models import Job, JobEvent, utcnow
+from service.db.session import session_scope
+from service.jobs.lifecycle import finish, renew_lease, take_lease
+from service.queueing import celery_client
+from service.settings import Settings
+from worker.reconciler import queue_depths, reconcile
+
+
+def new_job(settings: Settings, **values: object) -> int:
+    with session_scope(settings.database_url) as session:
+        job = Job(tenant="acme", kind="finetune", base_model="R14x0.5", params={}, **values)
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def test_only_one_owner_holds_the_lease(settings: Settings):
+    job_id = new_job(settings)
+    with session_scope(settings.database_url) as session:
+        assert take_lease(session, job_id, "worker-a", 60) is not None
+        assert take_lease(session, job_id, "worker-b", 60) is None  # a live run holds it
+        assert take_lease(session, job_id, "worker-a", 60) is not None  # the owner may renew
+        assert renew_lease(session, job_id, "worker-b", 60) == (False, False)
+        assert renew_lease(session, job_id, "worker-a", 60) == (True, False)
+
+
+def test_an_expired_lease_can_be_taken_over(settings: Settings):
+    expired = utcnow() - dt.timedelta(seconds=1)
+    job_id = new_job(settings, status="running", lease_owner="dead", lease_expires_at=expired)
+    with session_scope(settings.database_url) as session:
+        job = take_lease(session, job_id, "worker-b", 60)
+        assert job is not None and job.lease_owner == "worker-b"
+
+
+def test_finish_happens_once_and_only_for_the_owner(settings: Settings):
+    job_id = new_job(settings)
+    with session_scope(settings.database_url) as session:
+        job = take_lease(session, job_id, "worker-a", 60)
+        assert job is not None
+        assert not finish(session, job, "succeeded", owner="worker-b")
+        assert finish(session, job, "succeeded", owner="worker-a")
+        session.commit()
+        assert not finish(session, job, "failed", owner="worker-a")  # already terminal
+        assert take_lease(session, job_id, "worker-c", 60) is None  # finished jobs never rerun
+        kinds = session.scalars(select(JobEvent.kind).where(JobEvent.job_id == job_id)).all()
+        assert kinds == ["succeeded"]
+
+
+def test_reconciler_requeues_dead_runs_and_resends_lost_messages(settings: Settings):
+    past = utcnow() - dt.timedelta(seconds=5)
+    long_ago = utcnow() - dt.timedelta(seconds=settings.queued_grace_s + 5)
+    dead = new_job(
+        settings, status="running", lease_owner="dead", lease_expires_at=past, attempts=1
+    )
+    dying_cancel = new_job(settings, status="cancelling", lease_owner="dead", lease_expires_at=past)
+    lost = new_job(settings, status="queued", enqueued_at=long_ago)
+    fresh = new_job(settings, status="queued", enqueued_at=utcnow())
+    alive = new_job(
+        settings,
+        status="running",
+        lease_owner="alive",
+        lease_expires_at=utcnow() + dt.timedelta(seconds=60),
+    )
+    with session_scope(settings.database_url) as session:
+        resent = reconcile(session, settings)
+    assert sorted(resent) == sorted([dead, lost])
+    with session_scope(settings.database_url) as session:
+        status = dict(session.execute(select(Job.id, Job.status)).all())
+    assert status[dead] == "queued" and status[dying_cancel] == "cancelled"
+    assert status[fresh] == "queued" and status[alive] == "running"
+    # The messages are really on the broker now: one per re-sent job.
+    assert queue_depths(celery_client(settings))["finetune"] == 2
+    with session_scope(settings.database_url) as session:
+        # A second pass finds nothing new: the re-sent messages are waiting in the queue.
+        assert reconcile(session, settings) == []
