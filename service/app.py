@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api.routes import health, jobs, models, predict
+from service.api.routes import datasets, health, jobs, models, predict
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
 from service.metrics import record_request
 from service.settings import Settings, get_settings
+from service.upload_limit import UploadLimitMiddleware
 
 API_DESCRIPTION = """
 Few-shot image classification on Big Transfer (BiT). Upload a few labeled images,
@@ -26,9 +27,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.middleware("http")(record_request)
     app.include_router(health.router)
-    from service.api.routes import datasets
-    from service.upload_limit import UploadLimitMiddleware
-
     app.include_router(datasets.router)
     app.add_middleware(UploadLimitMiddleware, max_bytes=app.state.settings.max_upload_bytes)
     app.include_router(jobs.router)

@@ -17,11 +17,14 @@ TASK_FOR_KIND = {"finetune": "bit.finetune", "pretrain": "bit.pretrain"}
 def broker_options(settings: Settings) -> dict[str, object]:
     if settings.broker_url.startswith("filesystem://"):
         folder = settings.broker_folder
-        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        for sub in ("processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
+            # Otherwise kombu writes its control exchanges into the current directory.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
     # Redis re-delivers unacked messages after visibility_timeout (default 1 h, which would

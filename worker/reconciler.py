@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job, Worker, utcnow
 from service.db.session import session_factory
-from service.jobs.lifecycle import add_event
+from service.jobs.lifecycle import add_event, rows_changed
 from service.jobs.service import send
 from service.queueing import celery_client
 from service.settings import QUEUES, Settings
@@ -58,11 +58,12 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
         select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
     ).all()
     for job in dead:
-        claimed = session.execute(  # only one reconciler acts on a given dead run
+        claimed = rows_changed(  # only one reconciler acts on a given dead run
+            session,
             update(Job)
             .where(Job.id == job.id, Job.lease_expires_at == job.lease_expires_at)
-            .values(lease_owner=None, lease_expires_at=None)
-        ).rowcount
+            .values(lease_owner=None, lease_expires_at=None),
+        )
         if claimed != 1:
             continue
         session.refresh(job)

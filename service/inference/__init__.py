@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, FastAPI, Request
 
-from bit_core.images import ImageDecodeError
+from bit_core.images import ImageDecodeError, ImageSource
 from bit_core.predict import Prediction, Predictor
 from service.db.artifacts import ArtifactStore
 from service.deps import get_store
@@ -77,19 +77,20 @@ class Inference:
     ) -> list[list[Prediction]]:
         """Top-k predictions per image, in input order.
 
-        Images go through in chunks of one batch: a chunk is decoded while the previous
-        one runs, and at most a batch of decoded pixels waits per chunk.
+        Images go through in chunks of one batch: chunks decode in parallel on the decode
+        threads and each is queued for a forward as soon as it is ready, so decoding a
+        large request overlaps with its first forwards.
         """
         predictor = await self.predictor(ref)
         loop = asyncio.get_running_loop()
         step = self.batcher.max_batch_size
 
         async def chunk(start: int) -> torch.Tensor:
+            # Typed as preprocess takes them (lists are invariant).
+            chunk_sources: list[ImageSource] = [*sources[start : start + step]]
+            chunk_names: list[str] | None = names[start : start + step]
             rows = await loop.run_in_executor(
-                self._decode,
-                predictor.preprocess,
-                list(sources[start : start + step]),
-                names[start : start + step],
+                self._decode, predictor.preprocess, chunk_sources, chunk_names
             )
             return await self.batcher.run(ref.id, predictor.probabilities, rows)
 

@@ -9,14 +9,20 @@ out marks the run as dead for the reconciler.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobEvent, utcnow
 
 ACTIVE = ("queued", "running", "cancelling")
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def rows_changed(session: Session, statement: Update) -> int:
+    """Execute an UPDATE and return how many rows it changed (the test of a conditional one)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
 def add_event(
@@ -37,7 +43,8 @@ def add_event(
 def take_lease(session: Session, job_id: int, owner: str, lease_s: float) -> Job | None:
     """Atomically claim a job for `owner`; None if it is finished or leased by a live run."""
     now = utcnow()
-    claimed = session.execute(
+    claimed = rows_changed(
+        session,
         update(Job)
         .where(
             Job.id == job_id,
@@ -48,8 +55,8 @@ def take_lease(session: Session, job_id: int, owner: str, lease_s: float) -> Job
             lease_owner=owner,
             lease_expires_at=now + dt.timedelta(seconds=lease_s),
             heartbeat_at=now,
-        )
-    ).rowcount
+        ),
+    )
     session.commit()
     if claimed != 1:
         return None
@@ -59,11 +66,12 @@ def take_lease(session: Session, job_id: int, owner: str, lease_s: float) -> Job
 def renew_lease(session: Session, job_id: int, owner: str, lease_s: float) -> tuple[bool, bool]:
     """Heartbeat: extend the lease. Returns (still ours, cancel requested)."""
     now = utcnow()
-    renewed = session.execute(
+    renewed = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner)
-        .values(heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_s))
-    ).rowcount
+        .values(heartbeat_at=now, lease_expires_at=now + dt.timedelta(seconds=lease_s)),
+    )
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     session.commit()
     return renewed == 1, bool(cancel)
@@ -82,7 +90,8 @@ def finish(
     """Move a leased job to a terminal status once, releasing the lease; False if not ours."""
     if status not in TERMINAL:
         raise ValueError(f"not a terminal status: {status}")
-    done = session.execute(
+    done = rows_changed(
+        session,
         update(Job)
         .where(Job.id == job.id, Job.lease_owner == owner, Job.status.in_(ACTIVE))
         .values(
@@ -94,8 +103,8 @@ def finish(
             error_code=error_code,
             traceback=traceback,
             eta_s=0.0 if status == "succeeded" else None,
-        )
-    ).rowcount
+        ),
+    )
     if done == 1:
         session.refresh(job)
         add_event(session, job, status, worker=owner, detail=error)

@@ -12,12 +12,12 @@ class FinetuneOverrides(BaseModel):
     """Overrides of the BiT-HyperRule plan; anything unset follows the rule."""
 
     model_config = ConfigDict(extra="forbid")
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    base_lr: float | None = Field(None, gt=0, le=10)
-    total_steps: int | None = Field(None, ge=5, le=1_000_000)
-    precrop: int | None = Field(None, ge=16, le=1024)
-    crop: int | None = Field(None, ge=16, le=1024)
-    mixup_alpha: float | None = Field(None, ge=0, le=10)
+    batch_size: int | None = Field(default=None, ge=1, le=4096)
+    base_lr: float | None = Field(default=None, gt=0, le=10)
+    total_steps: int | None = Field(default=None, ge=5, le=1_000_000)
+    precrop: int | None = Field(default=None, ge=16, le=1024)
+    crop: int | None = Field(default=None, ge=16, le=1024)
+    mixup_alpha: float | None = Field(default=None, ge=0, le=10)
     resolution_rule: Literal["paper", "official"] | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -42,9 +42,11 @@ class FinetuneRequest(BaseModel):
         },
     )
     dataset_id: int = Field(..., ge=1)
-    base_model: str | None = Field(None, max_length=256, description="default: the server's")
+    base_model: str | None = Field(
+        default=None, max_length=256, description="default: the server's"
+    )
     mode: Literal["full", "linear"] = "full"
-    overrides: FinetuneOverrides = Field(default_factory=FinetuneOverrides)
+    overrides: FinetuneOverrides = Field(default_factory=lambda: FinetuneOverrides())
     callback_url: HttpUrl | None = None
 
 

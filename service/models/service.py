@@ -30,7 +30,7 @@ _UNFINISHED_JOB = ("queued", "running", "cancelling")
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 
 
-def _visible(principal: Principal) -> Select[tuple[Model]]:
+def _visible(principal: Principal) -> Select[Model]:
     query = select(Model)
     return query if principal.is_admin else query.where(Model.tenant == principal.tenant)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -13,7 +13,9 @@ from service.models.schemas import ModelPage, ModelRead
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-NOT_FOUND = {404: {"description": "`model_not_found`: no such model for this API key"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "`model_not_found`: no such model for this API key"}
+}
 
 
 @router.get("", response_model=ModelPage, summary="List models")

@@ -1,0 +1,152 @@
+"""Dataset endpoints: upload (files + labels, or a zip of class folders), append, list,
+read, delete. HTTP only: parsing and checks live in service.datasets."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from service.datasets import service
+from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead, error_responses
+from service.datasets.uploads import archive_stem, parse_upload
+from service.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+
+UPLOAD_ERRORS = error_responses(
+    (413, "upload_too_large", "the request body is over the limit of 209715200 bytes; ..."),
+    (413, "file_too_large", "cat1.jpg: over the per-image limit of 20971520 bytes; ..."),
+    (413, "image_too_large", "cat1.png: 50000x50000 pixels is over the limit of 40000000; ..."),
+    (413, "archive_too_large", "pets.zip: 25000 entries is over the limit of 20000; ..."),
+    (422, "invalid_image", "notes.png: not an image Pillow can read; send a JPEG, PNG, ..."),
+    (422, "labels_mismatch", "labels: got 2 label(s) for 3 file(s); send one `labels` ..."),
+    (422, "invalid_label", "label '' of 'cat1.jpg' is empty; give every image a class name"),
+    (422, "too_many_classes", "labels: 1200 classes is over the limit of 1000; ..."),
+    (422, "too_few_images", "labels: classes 'dog' (1) have fewer than 2 distinct images ..."),
+    (422, "conflicting_labels", "'a.jpg' and 'b.jpg' are the same image but labelled ..."),
+    (422, "invalid_archive", "pets.zip: not a zip archive (File is not a zip file); ..."),
+    (422, "invalid_archive_layout", "pets.zip: entry 'x.jpg' is not inside a class folder; ..."),
+    (422, "unsafe_archive_path", "pets.zip: entry '../x.jpg' has an absolute path or '..'; ..."),
+    (422, "unsafe_archive_entry", "pets.zip: entry 'cats/x.jpg' is a symbolic link; ..."),
+    (422, "no_images", "no images were sent: send `files` with one `labels` field per file, ..."),
+    (422, "invalid_upload_form", "send either `files` (with `labels`) or one `archive`, ..."),
+    (422, "invalid_request", "invalid request: body.name: String should have at most 256 ..."),
+)
+NOT_FOUND = error_responses((404, "dataset_not_found", "dataset 7 does not exist"))
+
+router = APIRouter(
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    # Far above any sensible upload (Starlette's defaults stop at 1000 files): the real
+    # bounds are the byte limits, enforced by the upload middleware and the dataset checks.
+    form_limits={"max_files": 100_000, "max_fields": 100_100, "max_part_size": 8 * 1024**2},
+)
+
+FilesForm = Annotated[
+    list[UploadFile] | None,
+    File(description="the images (JPEG, PNG, WebP, GIF, BMP, TIFF); one `labels` field each"),
+]
+LabelsForm = Annotated[
+    list[str] | None,
+    Form(
+        description="the class of each file, one field per file in the same order, or one "
+        'field holding a JSON array (`["cat", "dog"]`)'
+    ),
+]
+ArchiveForm = Annotated[
+    UploadFile | None,
+    File(description="instead of files + labels: a zip whose top-level folders are the classes"),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetUploadRead,
+    summary="Create a dataset from labelled images or a zip of class folders",
+    responses=UPLOAD_ERRORS,
+)
+def create_dataset(
+    principal: CurrentUser,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    files: FilesForm = None,
+    labels: LabelsForm = None,
+    archive: ArchiveForm = None,
+    name: Annotated[str, Form(max_length=256, description="defaults to the zip's name")] = "",
+) -> DatasetUploadRead:
+    """Upload images with their labels (or a zip of class folders) as a new dataset."""
+    items = parse_upload(files=files, labels=labels, archive=archive, settings=settings)
+    dataset = service.create_dataset(
+        session,
+        store,
+        settings,
+        tenant=principal.tenant,
+        name=name or archive_stem(archive),
+        items=items,
+    )
+    return service.describe_upload(session, dataset, added=None, sent=len(items))
+
+
+@router.post(
+    "/{dataset_id}/images",
+    response_model=DatasetUploadRead,
+    summary="Add images to a dataset",
+    responses={**UPLOAD_ERRORS, **NOT_FOUND},
+)
+def append_images(
+    dataset_id: int,
+    principal: CurrentUser,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    files: FilesForm = None,
+    labels: LabelsForm = None,
+    archive: ArchiveForm = None,
+) -> DatasetUploadRead:
+    """Add labelled images (or a zip of class folders) to a dataset; duplicates are skipped."""
+    dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
+    items = parse_upload(files=files, labels=labels, archive=archive, settings=settings)
+    added = service.append_images(session, store, settings, dataset=dataset, items=items)
+    return service.describe_upload(session, dataset, added=added, sent=len(items))
+
+
+@router.get("", response_model=DatasetPage, summary="List datasets")
+def list_datasets(
+    principal: CurrentUser,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetPage:
+    """Your tenant's datasets (all tenants' for admins), newest first."""
+    rows, total = service.list_datasets(session, principal=principal, limit=limit, offset=offset)
+    return DatasetPage(
+        items=service.summarize(session, rows), total=total, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/{dataset_id}", response_model=DatasetRead, summary="Read a dataset", responses=NOT_FOUND
+)
+def get_dataset(dataset_id: int, principal: CurrentUser, session: SessionDep) -> DatasetRead:
+    """A dataset's class counts, image count, bytes stored and min/median/max image sizes."""
+    dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
+    return service.describe(session, dataset)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a dataset and its images",
+    responses={
+        **NOT_FOUND,
+        **error_responses((409, "dataset_in_use", "dataset 7 is used by job(s) [12] ...")),
+    },
+)
+def delete_dataset(
+    dataset_id: int, principal: CurrentUser, session: SessionDep, store: StoreDep
+) -> Response:
+    """Delete a dataset, its image rows and stored images; refused while a job uses it."""
+    service.delete_dataset(session, store, dataset_id=dataset_id, principal=principal)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

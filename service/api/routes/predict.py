@@ -1,0 +1,187 @@
+"""Predict: classify images with a trained model (multipart upload or base64 JSON)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from service.deps import CurrentUser, SessionDep, SettingsDep
+from service.errors import ApiError
+from service.inference import InferenceDep
+from service.models import service
+from service.models.schemas import (
+    ImagePrediction,
+    LabelProbability,
+    PredictJson,
+    PredictResponse,
+    model_version,
+)
+from service.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["predict"])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["model_id", "files"],
+    "properties": {
+        "model_id": {"type": "integer", "description": "id of a ready model"},
+        "files": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": f"1 to {service.MAX_IMAGES_PER_REQUEST} image files",
+        },
+        "top_k": {"type": "integer", "default": 5, "minimum": 1, "maximum": service.MAX_TOP_K},
+    },
+}
+_OPENAPI_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            "application/json": {"schema": PredictJson.model_json_schema()},
+        },
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "`model_not_found`"},
+    409: {"description": "`model_archived`"},
+    413: {"description": "`too_many_images`, `image_too_large`, `upload_too_large`"},
+    415: {"description": "`unsupported_media_type`"},
+    422: {
+        "description": "`invalid_top_k`, `invalid_base64`, `invalid_image`, `no_images`, "
+        "`invalid_request`"
+    },
+}
+
+
+@dataclass
+class _Inputs:
+    model_id: int
+    top_k: int
+    sources: list[bytes]
+    names: list[str]  # how errors refer to each image
+    filenames: list[str | None]  # echoed in the answer (multipart only)
+    encoded: list[str] | None = None  # JSON: base64, decoded once the model is known
+
+
+def _form_int(value: object, field: str, code: str) -> int:
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ApiError(422, code, f"{field} must be an integer, got {str(value)[:40]!r}") from None
+
+
+async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
+    try:
+        form = await request.form(max_files=service.MAX_IMAGES_PER_REQUEST)
+    except HTTPException as exc:  # starlette's parser limits and syntax errors
+        if "Too many files" in str(exc.detail):
+            service.check_image_count(service.MAX_IMAGES_PER_REQUEST + 1)
+        raise ApiError(
+            400, "invalid_multipart", f"unreadable multipart body: {exc.detail}"
+        ) from exc
+    try:
+        if "model_id" not in form:
+            raise ApiError(422, "invalid_request", "form field model_id is required")
+        model_id = _form_int(form["model_id"], "model_id", "invalid_request")
+        top_k = service.check_top_k(_form_int(form.get("top_k", 5), "top_k", "invalid_top_k"))
+        files = form.getlist("files")
+        service.check_image_count(len(files))
+        sources, names = [], []
+        for index, upload in enumerate(files):
+            if not isinstance(upload, UploadFile):
+                raise ApiError(
+                    422, "invalid_request", "each `files` part must be a file, not a text field"
+                )
+            name = upload.filename or f"files[{index}]"
+            service.check_image_size(name, upload.size or 0, settings.max_image_bytes)
+            sources.append(await upload.read())
+            names.append(name)
+        return _Inputs(model_id, top_k, sources, names, list(names))
+    finally:
+        await form.close()
+
+
+async def _read_json(request: Request) -> _Inputs:
+    try:
+        body = PredictJson.model_validate_json(await request.body())
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['problem']}" for p in problems[:5])
+        raise ApiError(
+            422, "invalid_request", f"invalid request: {summary}", problems=problems
+        ) from exc
+    top_k = service.check_top_k(body.top_k)
+    service.check_image_count(len(body.images))
+    names = [f"images[{i}]" for i in range(len(body.images))]
+    return _Inputs(body.model_id, top_k, [], names, [None] * len(names), body.images)
+
+
+def _decode_all(encoded: list[str], max_bytes: int) -> list[bytes]:
+    return [
+        service.decode_base64_image(data, index=i, max_bytes=max_bytes)
+        for i, data in enumerate(encoded)
+    ]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Classify images",
+    openapi_extra=_OPENAPI_BODY,
+    responses=_ERRORS,
+)
+async def predict(
+    request: Request,
+    session: SessionDep,
+    principal: CurrentUser,
+    settings: SettingsDep,
+    inference: InferenceDep,
+) -> PredictResponse:
+    """Top-k classes per image: multipart `files` + `model_id`, or JSON base64 `images`."""
+    began = time.perf_counter()
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        inputs = await _read_multipart(request, settings)
+    elif media_type == "application/json":
+        inputs = await _read_json(request)
+    else:
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"content type {media_type or 'none'!r} is not accepted; send multipart/form-data "
+            "(model_id, files, top_k) or application/json (model_id, images as base64, top_k)",
+        )
+    # The session is synchronous: query it on a thread, not on the event loop.
+    model = await run_in_threadpool(
+        lambda: service.model_for_prediction(session, principal=principal, model_id=inputs.model_id)
+    )
+    if inputs.encoded is not None:  # up to max_upload_bytes of base64: decode off the loop
+        inputs.sources = await run_in_threadpool(
+            _decode_all, inputs.encoded, settings.max_image_bytes
+        )
+    results = await inference.predict(
+        service.model_ref(model), inputs.sources, inputs.names, top_k=inputs.top_k
+    )
+    return PredictResponse(
+        model_id=model.id,
+        model_version=model_version(model.sha256),
+        predictions=[
+            ImagePrediction(
+                filename=filename,
+                top_k=[LabelProbability(label=p.label, probability=p.probability) for p in row],
+            )
+            for filename, row in zip(inputs.filenames, results, strict=True)
+        ],
+        time_ms=round((time.perf_counter() - began) * 1000, 2),
+    )

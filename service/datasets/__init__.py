@@ -1,0 +1,1 @@
+"""Datasets: uploads (loose files or a zip of class folders), their checks and storage."""

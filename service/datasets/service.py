@@ -1,0 +1,334 @@
+"""Dataset service functions: create, append, read, list, delete, and the training view.
+
+Writes follow one order so that a failure leaves nothing half-written: check every item,
+write the images to the artifact store, then commit the rows. On any error the images
+written so far are deleted and the transaction rolled back. Images are stored under
+`datasets/{id}/{sha256}`: content-addressed, so identical bytes are stored once and a file
+left by a crash can only ever hold the bytes its key names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from bit_core.data import LabeledImages
+from bit_core.images import ImageSource
+from service.auth import Principal
+from service.datasets.schemas import (
+    DatasetRead,
+    DatasetSummary,
+    DatasetUploadRead,
+    ImageSize,
+    ImageSizeStats,
+)
+from service.datasets.uploads import CheckedImage, UploadItem, check_items, display_name
+from service.db.artifacts import ArtifactStore, LocalArtifactStore, cleanup_on_error
+from service.db.models import Dataset, Image, Job
+from service.errors import ApiError, not_found
+from service.settings import Settings
+
+# A job in one of these states still reads its dataset: deleting it would pull the images
+# from under a running job (or one about to run).
+ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
+
+
+def dataset_prefix(dataset_id: int) -> str:
+    """The artifact prefix holding a dataset's images."""
+    return f"datasets/{dataset_id}"
+
+
+def image_key(dataset_id: int, sha256: str) -> str:
+    return f"{dataset_prefix(dataset_id)}/{sha256}"
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def _dedupe(checked: Sequence[CheckedImage], existing: Mapping[str, str]) -> list[CheckedImage]:
+    """Drop images whose bytes are already present with the same label; refuse a clash."""
+    seen: dict[str, tuple[str, str]] = {
+        sha: (label, "an image already in the dataset") for sha, label in existing.items()
+    }
+    unique: list[CheckedImage] = []
+    for image in checked:
+        name = f"'{display_name(image.item.filename)}'"
+        prior = seen.get(image.sha256)
+        if prior is None:
+            seen[image.sha256] = (image.label, name)
+            unique.append(image)
+        elif prior[0] != image.label:
+            raise ApiError(
+                422,
+                "conflicting_labels",
+                f"{name} and {prior[1]} are the same image but labelled '{image.label}' and "
+                f"'{prior[0]}'; give an image one label, or remove the copy",
+                file=display_name(image.item.filename),
+            )
+    return unique
+
+
+def _check_classes(counts: Mapping[str, int], settings: Settings) -> None:
+    """The class limits, on the dataset as it would be after the upload."""
+    if len(counts) > settings.max_classes:
+        raise ApiError(
+            422,
+            "too_many_classes",
+            f"labels: {len(counts)} classes is over the limit of {settings.max_classes}; merge "
+            "classes or split the images into several datasets",
+            field="labels",
+            classes=len(counts),
+            maximum=settings.max_classes,
+        )
+    short = sorted(
+        label for label, count in counts.items() if count < settings.min_images_per_class
+    )
+    if short:
+        shown = ", ".join(f"'{label}' ({counts[label]})" for label in short[:20])
+        more = f" and {len(short) - 20} more" if len(short) > 20 else ""
+        raise ApiError(
+            422,
+            "too_few_images",
+            f"labels: classes {shown}{more} have fewer than {settings.min_images_per_class} "
+            "distinct images each; add images to them or leave them out",
+            field="labels",
+            classes=short,
+            minimum=settings.min_images_per_class,
+        )
+
+
+def _store_images(
+    session: Session,
+    store: ArtifactStore,
+    dataset_id: int,
+    images: Sequence[CheckedImage],
+    written: list[str],
+) -> None:
+    """Write each image's original bytes (once per sha256) and stage its row."""
+    for image in images:
+        key = image_key(dataset_id, image.sha256)
+        if not store.exists(key):
+            store.put_bytes(key, image.item.read())
+            written.append(key)
+        session.add(
+            Image(
+                dataset_id=dataset_id,
+                label=image.label,
+                sha256=image.sha256,
+                width=image.width,
+                height=image.height,
+                size_bytes=image.size_bytes,
+                uri=key,
+            )
+        )
+
+
+# --- writes ----------------------------------------------------------------------------------
+
+
+def create_dataset(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    tenant: str,
+    name: str,
+    items: list[UploadItem],
+) -> Dataset:
+    """Check every item, store the images, then commit the dataset with its image rows."""
+    images = _dedupe(check_items(items, settings), {})
+    _check_classes(Counter(image.label for image in images), settings)
+    dataset = Dataset(tenant=tenant, name=name)
+    try:
+        session.add(dataset)
+        session.flush()  # the id names the artifact prefix; nothing is visible until commit
+        # A new dataset owns its whole prefix: on failure remove all of it.
+        with cleanup_on_error(store, [dataset_prefix(dataset.id)]) as written:
+            _store_images(session, store, dataset.id, images, written)
+            session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return dataset
+
+
+def append_images(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    dataset: Dataset,
+    items: list[UploadItem],
+) -> int:
+    """Add images to a dataset (the class limits apply to the result); returns how many."""
+    checked = check_items(items, settings)
+    existing = {
+        sha: label
+        for sha, label in session.execute(
+            select(Image.sha256, Image.label).where(Image.dataset_id == dataset.id)
+        )
+    }
+    images = _dedupe(checked, existing)
+    counts = Counter(class_counts(session, [dataset.id]).get(dataset.id, {}))
+    counts.update(image.label for image in images)
+    _check_classes(counts, settings)
+    try:
+        # Only keys this call created are removed on failure: others belong to stored rows.
+        with cleanup_on_error(store, []) as written:
+            _store_images(session, store, dataset.id, images, written)
+            session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return len(images)
+
+
+def delete_dataset(
+    session: Session, store: ArtifactStore, *, dataset_id: int, principal: Principal
+) -> None:
+    """Delete a dataset's rows, then its images; refused while an active job uses it."""
+    dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
+    active = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+            .order_by(Job.id)
+        )
+    )
+    if active:
+        raise ApiError(
+            409,
+            "dataset_in_use",
+            f"dataset {dataset.id} is used by job(s) {active} that are queued or running; wait "
+            "for them to finish or cancel them, then delete again",
+            jobs=active,
+        )
+    session.execute(delete(Image).where(Image.dataset_id == dataset.id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset.id))
+    session.commit()
+    # After the commit: if it failed, the rows would still point at these files.
+    store.delete_prefix(dataset_prefix(dataset.id))
+
+
+# --- reads -----------------------------------------------------------------------------------
+
+
+def get_dataset(session: Session, *, dataset_id: int, principal: Principal) -> Dataset:
+    """The dataset if the caller may see it (own tenant, or admin); 404 otherwise."""
+    dataset = session.get(Dataset, dataset_id)
+    # Another tenant's dataset answers exactly like a missing one: ids reveal nothing.
+    if dataset is None or (dataset.tenant != principal.tenant and not principal.is_admin):
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def list_datasets(
+    session: Session, *, principal: Principal, limit: int, offset: int
+) -> tuple[list[Dataset], int]:
+    """One page of the datasets the caller may see, newest first, and their total."""
+    query = select(Dataset)
+    if not principal.is_admin:
+        query = query.where(Dataset.tenant == principal.tenant)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.scalars(query.order_by(Dataset.id.desc()).limit(limit).offset(offset))
+    return list(page), total
+
+
+def class_counts(session: Session, dataset_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """Images per class (sorted by class name) of each dataset."""
+    rows = session.execute(
+        select(Image.dataset_id, Image.label, func.count())
+        .where(Image.dataset_id.in_(dataset_ids))
+        .group_by(Image.dataset_id, Image.label)
+        .order_by(Image.dataset_id, Image.label)
+    )
+    counts: dict[int, dict[str, int]] = {}
+    for dataset_id, label, count in rows:
+        counts.setdefault(dataset_id, {})[label] = count
+    return counts
+
+
+def summarize(session: Session, datasets: Sequence[Dataset]) -> list[DatasetSummary]:
+    """List entries for datasets, with their class counts (one query for all)."""
+    counts = class_counts(session, [d.id for d in datasets]) if datasets else {}
+    return [_summary(dataset, counts.get(dataset.id, {})) for dataset in datasets]
+
+
+def _summary(dataset: Dataset, classes: dict[str, int]) -> DatasetSummary:
+    return DatasetSummary(
+        id=dataset.id,
+        name=dataset.name,
+        tenant=dataset.tenant,
+        classes=classes,
+        num_classes=len(classes),
+        image_count=sum(classes.values()),
+        # SQLite drops the zone of a stored timestamp; every timestamp here is UTC.
+        created_at=(
+            dataset.created_at
+            if dataset.created_at.tzinfo
+            else dataset.created_at.replace(tzinfo=dt.UTC)
+        ),
+    )
+
+
+def describe(session: Session, dataset: Dataset) -> DatasetRead:
+    """A dataset in full: class counts, bytes stored, min/median/max image sizes."""
+    rows = session.execute(
+        select(Image.height, Image.width, Image.size_bytes).where(Image.dataset_id == dataset.id)
+    )
+    heights, widths, sizes = [], [], []
+    for height, width, size in rows:
+        heights.append(height)
+        widths.append(width)
+        sizes.append(size)
+    stats = None
+    if heights:
+        # median_low: a size some image really has, not the mean of two.
+        stats = ImageSizeStats(
+            min=ImageSize(height=min(heights), width=min(widths)),
+            median=ImageSize(
+                height=statistics.median_low(heights), width=statistics.median_low(widths)
+            ),
+            max=ImageSize(height=max(heights), width=max(widths)),
+        )
+    summary = _summary(dataset, class_counts(session, [dataset.id]).get(dataset.id, {}))
+    return DatasetRead(**summary.model_dump(), total_bytes=sum(sizes), image_sizes=stats)
+
+
+def describe_upload(
+    session: Session, dataset: Dataset, *, added: int | None, sent: int
+) -> DatasetUploadRead:
+    """The dataset after an upload of `sent` images, `added` of them new (None: all of the
+    dataset's images are, as after its creation)."""
+    read = describe(session, dataset)
+    added = read.image_count if added is None else added
+    return DatasetUploadRead(**read.model_dump(), added=added, duplicates=sent - added)
+
+
+def labeled_images(session: Session, store: ArtifactStore, dataset_id: int) -> LabeledImages:
+    """A dataset as bit_core's LabeledImages: classes sorted by name, images by id.
+
+    Sources are file paths for a local store (decoded lazily, by DataLoader workers too)
+    and bytes otherwise, fetched here once.
+    """
+    rows = list(
+        session.execute(
+            select(Image.label, Image.uri).where(Image.dataset_id == dataset_id).order_by(Image.id)
+        )
+    )
+    if not rows:
+        raise ValueError(f"dataset {dataset_id} does not exist or has no images")
+    sources: list[ImageSource]
+    if isinstance(store, LocalArtifactStore):
+        sources = [str(store.path(uri)) for _, uri in rows]
+    else:
+        sources = [store.get_bytes(uri) for _, uri in rows]
+    labels = [label for label, _ in rows]
+    return LabeledImages.from_pairs(
+        list(zip(sources, labels, strict=True)), classes=sorted(set(labels))
+    )

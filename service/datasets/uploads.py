@@ -1,0 +1,460 @@
+"""Turning uploaded files and zips into checked, labelled images.
+
+Nothing here writes anywhere but temporary files: every check runs before the service
+stores a byte, so a refused upload leaves nothing behind. Uploads are read from Starlette's
+spooled files (on disk past 1 MB) and zip members are streamed with a byte cap, so no
+request is ever held whole in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import stat
+import unicodedata
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from tempfile import SpooledTemporaryFile
+from typing import IO
+
+from starlette.datastructures import UploadFile
+
+from bit_core.images import ImageDecodeError, image_size, open_image
+from service.errors import ApiError
+from service.settings import Settings
+
+# Zip members are copied to temporary files that stay in memory up to this size (as
+# Starlette spools uploads), so a large archive lands on disk, not in RAM.
+SPOOL_MAX_BYTES = 1024 * 1024
+CHUNK_BYTES = 64 * 1024
+# Files that archivers and file browsers add next to images; skipped, not refused.
+JUNK_FILES = {"thumbs.db", "desktop.ini"}
+JUNK_FOLDERS = {"__macosx"}
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# Names in messages are cut to this length: a client chooses them.
+MAX_NAME_CHARS = 200
+
+
+@dataclass(frozen=True)
+class UploadItem:
+    """One uploaded image before checks: its name (for messages), label and content.
+
+    `content` is the file's bytes or a readable, seekable binary file (an UploadFile's
+    spooled file, a zip member copied to a temporary file); it is read from the start.
+    """
+
+    filename: str
+    label: str
+    content: bytes | IO[bytes]
+
+    def read(self, limit: int | None = None) -> bytes:
+        """The content's bytes; with `limit`, at most limit + 1 of them (to detect excess)."""
+        if isinstance(self.content, bytes):
+            return self.content if limit is None else self.content[: limit + 1]
+        self.content.seek(0)
+        return self.content.read() if limit is None else self.content.read(limit + 1)
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An item that passed every check, with what the database records about it."""
+
+    item: UploadItem
+    label: str  # normalised (surrounding whitespace removed)
+    sha256: str
+    size_bytes: int
+    height: int  # as displayed, after EXIF rotation
+    width: int
+
+
+def display_name(name: str) -> str:
+    """A client-chosen name, made safe to quote in a message."""
+    printable = "".join(c if c.isprintable() else "?" for c in name)
+    return printable if len(printable) <= MAX_NAME_CHARS else printable[:MAX_NAME_CHARS] + "…"
+
+
+# --- multipart -------------------------------------------------------------------------------
+
+
+def _resolve_labels(labels: Sequence[str] | None) -> list[str]:
+    """One label per form field, or one field holding a JSON array of them."""
+    if not labels:
+        return []
+    if len(labels) == 1 and labels[0].lstrip().startswith("["):
+        try:
+            parsed = json.loads(labels[0])
+        except json.JSONDecodeError as exc:
+            raise ApiError(
+                422,
+                "invalid_label",
+                f"labels: a value starting with '[' is read as a JSON array of strings, but it "
+                f"is not valid JSON ({exc.msg} at position {exc.pos}); send a valid array or "
+                "one `labels` field per file",
+                field="labels",
+            ) from exc
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise ApiError(
+                422,
+                "invalid_label",
+                "labels: the JSON value must be an array of strings, one per file",
+                field="labels",
+            )
+        return parsed
+    return list(labels)
+
+
+def parse_multipart_items(
+    files: Sequence[UploadFile], labels: Sequence[str] | None, settings: Settings | None = None
+) -> list[UploadItem]:
+    """Pair each uploaded file with its label (same order); labels may be a JSON array.
+
+    With `settings`, the labels are checked here too (cheap, before any image is read);
+    `create_dataset` checks them in any case.
+    """
+    if not files:
+        raise ApiError(
+            422,
+            "no_images",
+            "no images were sent: send `files` with one `labels` field per file, or an "
+            "`archive` zip with one folder per class",
+            field="files",
+        )
+    resolved = _resolve_labels(labels)
+    if len(resolved) != len(files):
+        raise ApiError(
+            422,
+            "labels_mismatch",
+            f"labels: got {len(resolved)} label(s) for {len(files)} file(s); send one `labels` "
+            "form field per file in the same order, or one field holding a JSON array",
+            field="labels",
+            files=len(files),
+            labels=len(resolved),
+        )
+    items = [
+        UploadItem(filename=upload.filename or f"files[{i}]", label=label, content=upload.file)
+        for i, (upload, label) in enumerate(zip(files, resolved, strict=True))
+    ]
+    if settings is not None:
+        for item in items:
+            check_label(item.label, settings, filename=item.filename)
+    return items
+
+
+def parse_upload(
+    *,
+    files: Sequence[UploadFile] | None,
+    labels: Sequence[str] | None,
+    archive: UploadFile | None,
+    settings: Settings,
+) -> list[UploadItem]:
+    """The items of an upload form: either `files` + `labels`, or one `archive`."""
+    if archive is not None and files:
+        raise ApiError(
+            422,
+            "invalid_upload_form",
+            "send either `files` (with `labels`) or one `archive`, not both",
+            field="archive",
+        )
+    if archive is not None:
+        if labels:
+            raise ApiError(
+                422,
+                "invalid_upload_form",
+                "labels: an archive takes its labels from its folder names; drop `labels`",
+                field="labels",
+            )
+        return parse_archive(archive, settings)
+    return parse_multipart_items(files or [], labels, settings)
+
+
+# --- zip archives ----------------------------------------------------------------------------
+
+
+def _archive_error(status: int, code: str, archive: str, member: str, problem: str) -> ApiError:
+    return ApiError(
+        status,
+        code,
+        f"{archive}: entry '{display_name(member)}' {problem}",
+        file=display_name(member),
+        archive=archive,
+    )
+
+
+def _check_entry(info: zipfile.ZipInfo, archive: str) -> None:
+    """Refuse paths that escape the extraction folder and entries that are not files."""
+    name = info.filename.replace("\\", "/")  # Windows archivers write backslashes
+    if "\x00" in name or name.startswith("/") or _DRIVE.match(name) or ".." in name.split("/"):
+        raise _archive_error(
+            422,
+            "unsafe_archive_path",
+            archive,
+            info.filename,
+            "has an absolute path or '..'; zip the class folders with relative paths",
+        )
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
+        raise _archive_error(
+            422,
+            "unsafe_archive_entry",
+            archive,
+            info.filename,
+            "is a symbolic link; zip the image files themselves (e.g. `zip -r` without -y)",
+        )
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _archive_error(
+            422,
+            "unsafe_archive_entry",
+            archive,
+            info.filename,
+            "is a device, pipe or socket; the archive may hold only folders and images",
+        )
+    if info.flag_bits & 0x1:
+        raise _archive_error(
+            422, "invalid_archive", archive, info.filename, "is encrypted; zip without a password"
+        )
+
+
+def _parts(info: zipfile.ZipInfo) -> list[str]:
+    return [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
+
+
+def _is_junk(parts: list[str]) -> bool:
+    return (
+        any(p.startswith(".") or p.lower() in JUNK_FOLDERS for p in parts)
+        or parts[-1].lower() in JUNK_FILES
+    )
+
+
+def _too_large(archive: str, problem: str) -> ApiError:
+    return ApiError(413, "archive_too_large", f"{archive}: {problem}", archive=archive)
+
+
+def _copy_member(
+    zf: zipfile.ZipFile,
+    info: zipfile.ZipInfo,
+    archive: str,
+    *,
+    budget: int,
+    total_limit: int,
+    max_file: int,
+) -> tuple[IO[bytes], int]:
+    """Stream one member into a spooled file, stopping at the caps (headers can lie).
+
+    Returns the file and the bytes it holds; `budget` is what the archive may still expand
+    to, out of `total_limit`.
+    """
+    spool: IO[bytes] = SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)  # noqa: SIM115
+    written = 0
+    try:
+        with zf.open(info) as source:
+            while chunk := source.read(CHUNK_BYTES):
+                written += len(chunk)
+                if written > max_file:
+                    raise _archive_error(
+                        413,
+                        "file_too_large",
+                        archive,
+                        info.filename,
+                        f"is over the per-image limit of {max_file} bytes; downscale or "
+                        "recompress it",
+                    )
+                if written > budget:
+                    raise _too_large(
+                        archive,
+                        f"expands to more than {total_limit} bytes, the most one upload may "
+                        "hold; split it into several archives (append with "
+                        "POST /v1/datasets/{id}/images)",
+                    )
+                spool.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        spool.close()
+        raise _archive_error(
+            422,
+            "invalid_archive",
+            archive,
+            info.filename,
+            f"cannot be extracted ({exc}); re-create the zip (deflate or stored) and retry",
+        ) from exc
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool, written
+
+
+def parse_archive(upload: UploadFile | IO[bytes], settings: Settings) -> list[UploadItem]:
+    """The images of a zip whose top-level folders are the class names.
+
+    One enclosing folder (`photos/cats/1.jpg`) is allowed; hidden files and `__MACOSX`
+    are skipped. Sizes in the zip's headers are used for early refusals only: members are
+    streamed with caps, since a crafted header can understate what a member expands to.
+    """
+    stream = upload.file if isinstance(upload, UploadFile) else upload
+    archive = display_name(
+        (upload.filename if isinstance(upload, UploadFile) else None) or "archive"
+    )
+    stream.seek(0, 2)
+    archive_bytes = max(stream.tell(), 1)
+    stream.seek(0)
+    try:
+        zf = zipfile.ZipFile(stream)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ApiError(
+            422,
+            "invalid_archive",
+            f"{archive}: not a zip archive ({exc}); send a .zip whose top-level folders are "
+            "the class names",
+            file=archive,
+        ) from exc
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > settings.max_zip_members:
+            raise _too_large(
+                archive,
+                f"{len(infos)} entries is over the limit of {settings.max_zip_members}; split "
+                "it into several archives (append with POST /v1/datasets/{id}/images)",
+            )
+        for info in infos:
+            _check_entry(info, archive)
+        members = [
+            (info, parts)
+            for info in infos
+            if not info.is_dir() and (parts := _parts(info)) and not _is_junk(parts)
+        ]
+        if not members:
+            raise ApiError(
+                422,
+                "no_images",
+                f"{archive}: the archive holds no images; put them in one folder per class",
+                file=archive,
+            )
+        # An archive may expand to as much as loose files could bring in one request, and
+        # no more than max_zip_ratio times its own size (images barely compress; a zip
+        # bomb expands by thousands).
+        total_limit = min(settings.max_upload_bytes, settings.max_zip_ratio * archive_bytes)
+        budget = total_limit
+        declared = sum(info.file_size for info, _ in members)
+        if declared > budget:
+            raise _too_large(
+                archive,
+                f"declares {declared} bytes uncompressed from {archive_bytes} compressed, over "
+                f"the limit of {total_limit} (at most {settings.max_upload_bytes} bytes and "
+                f"{settings.max_zip_ratio}x the archive's size); split it or send loose files",
+            )
+        # One enclosing folder is tolerated: strip it when every image sits below it.
+        roots = {parts[0] for _, parts in members}
+        if len(roots) == 1 and all(len(parts) >= 3 for _, parts in members):
+            members = [(info, parts[1:]) for info, parts in members]
+        for info, parts in members:
+            if len(parts) < 2:
+                raise _archive_error(
+                    422,
+                    "invalid_archive_layout",
+                    archive,
+                    info.filename,
+                    "is not inside a class folder; put each image in a folder named after "
+                    "its class (cats/1.jpg, dogs/2.jpg)",
+                )
+            if info.file_size > settings.max_image_bytes:  # early; streaming checks again
+                raise _archive_error(
+                    413,
+                    "file_too_large",
+                    archive,
+                    info.filename,
+                    f"is over the per-image limit of {settings.max_image_bytes} bytes; "
+                    "downscale or recompress it",
+                )
+        items: list[UploadItem] = []
+        try:
+            for info, parts in members:
+                spool, size = _copy_member(
+                    zf,
+                    info,
+                    archive,
+                    budget=budget,
+                    total_limit=total_limit,
+                    max_file=settings.max_image_bytes,
+                )
+                budget -= size
+                items.append(UploadItem(filename=info.filename, label=parts[0], content=spool))
+        except BaseException:
+            for item in items:
+                if not isinstance(item.content, bytes):
+                    item.content.close()
+            raise
+        return items
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+
+def check_label(label: str, settings: Settings, *, filename: str) -> str:
+    """The label with surrounding whitespace removed; refused if empty, long or unprintable."""
+    cleaned = label.strip()
+    where = f"label {display_name(label)!r} of '{display_name(filename)}'"
+    problem = None
+    if not cleaned:
+        problem = f"label of '{display_name(filename)}' is empty; give every image a class name"
+    elif len(cleaned) > settings.max_label_chars:
+        problem = (
+            f"{where} has {len(cleaned)} characters, over the limit of "
+            f"{settings.max_label_chars}; use a shorter class name"
+        )
+    elif any(unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" for c in cleaned):
+        problem = f"{where} contains control or invisible characters; use printable text"
+    if problem is not None:
+        raise ApiError(422, "invalid_label", problem, field="labels", file=display_name(filename))
+    return cleaned
+
+
+def check_image(item: UploadItem, settings: Settings) -> CheckedImage:
+    """Read the item with a byte cap and decode it fully; the label is checked too."""
+    label = check_label(item.label, settings, filename=item.filename)
+    name = display_name(item.filename)
+    data = item.read(limit=settings.max_image_bytes)
+    if len(data) > settings.max_image_bytes:
+        raise ApiError(
+            413,
+            "file_too_large",
+            f"{name}: over the per-image limit of {settings.max_image_bytes} bytes; downscale "
+            "or recompress it",
+            file=name,
+        )
+    if not data:
+        raise ApiError(422, "invalid_image", f"{name}: the file is empty", file=name)
+    try:
+        # A full decode, as training will do: a truncated file fails here, not in a job.
+        open_image(data, name=name, max_pixels=settings.max_image_pixels).close()
+        height, width = image_size(data, name=name, max_pixels=settings.max_image_pixels)
+    except ImageDecodeError as exc:
+        status = 413 if exc.code == "image_too_large" else 422
+        code = exc.code if exc.code == "image_too_large" else "invalid_image"
+        raise ApiError(status, code, str(exc), file=name) from exc
+    return CheckedImage(
+        item=item,
+        label=label,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        height=height,
+        width=width,
+    )
+
+
+def check_items(items: Sequence[UploadItem], settings: Settings) -> list[CheckedImage]:
+    """Check every label first (cheap), then every image; the first problem is raised."""
+    if not items:
+        raise ApiError(422, "no_images", "no images were sent", field="files")
+    for item in items:
+        check_label(item.label, settings, filename=item.filename)
+    return [check_image(item, settings) for item in items]
+
+
+def archive_stem(archive: UploadFile | None) -> str:
+    """A default dataset name: the archive's file name without its extension."""
+    if archive is None or not archive.filename:
+        return ""
+    return PurePosixPath(archive.filename.replace("\\", "/")).stem[:256]

@@ -1,0 +1,401 @@
+"""Datasets through the real app (SQLite and PostgreSQL): create, append, list, read, delete,
+tenant isolation, and the training view handed to the worker."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image as PILImage
+from sqlalchemy import func, select
+
+from service.datasets import service
+from service.datasets.uploads import UploadItem
+from service.db.artifacts import LocalArtifactStore
+from service.db.models import Dataset, Image, Job
+from service.db.session import session_scope
+from service.settings import Settings
+
+# Small enough that tests cross every limit with a few KB of generated images.
+SMALL_LIMITS = {
+    "max_upload_bytes": 256 * 1024,
+    "max_image_bytes": 32 * 1024,
+    "max_zip_members": 30,
+    "max_classes": 3,
+    "max_label_chars": 20,
+    "min_images_per_class": 2,
+}
+_seeds = itertools.count()
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The conftest's migrated settings (both databases) with small upload limits."""
+    return settings.model_copy(update=SMALL_LIMITS)
+
+
+# --- helpers (test_uploads imports them) -----------------------------------------------------
+
+
+def png(height: int = 12, width: int = 16) -> bytes:
+    """A distinct small PNG of noise (distinct bytes, so no two calls deduplicate)."""
+    rng = np.random.default_rng(next(_seeds))
+    buffer = io.BytesIO()
+    PILImage.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def upload(
+    client: TestClient,
+    headers: dict[str, str],
+    images: list[tuple[str, bytes, str]],
+    *,
+    url: str = "/v1/datasets",
+    **form: str,
+) -> httpx.Response:
+    """POST (filename, bytes, label) triples as `files` + one `labels` field each."""
+    files = [("files", (name, data, "application/octet-stream")) for name, data, _ in images]
+    labels = [label for _, _, label in images]
+    return client.post(url, files=files, data={"labels": labels, **form}, headers=headers)
+
+
+def upload_zip(
+    client: TestClient,
+    headers: dict[str, str],
+    data: bytes,
+    *,
+    url: str = "/v1/datasets",
+    filename: str = "pets.zip",
+) -> httpx.Response:
+    return client.post(url, files={"archive": (filename, data, "application/zip")}, headers=headers)
+
+
+def snapshot(settings: Settings) -> tuple[int, int, frozenset[str]]:
+    """(dataset rows, image rows, paths under the artifact store's datasets/ folder)."""
+    with session_scope(settings.database_url) as session:
+        datasets = session.scalar(select(func.count()).select_from(Dataset))
+        images = session.scalar(select(func.count()).select_from(Image))
+    root = Path(settings.artifacts_url) / "datasets"
+    paths = frozenset(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else ()
+    return datasets or 0, images or 0, frozenset(paths)
+
+
+def two_classes() -> list[tuple[str, bytes, str]]:
+    """Four new images: two cats, two dogs."""
+    return [(f"{label[0]}{i}.png", png(), label) for label in ("cat", "dog") for i in (1, 2)]
+
+
+# --- create ----------------------------------------------------------------------------------
+
+
+def test_create_from_files_stores_original_bytes_once(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    images = two_classes()
+    duplicate = ("c1-copy.png", images[0][1], "cat")
+    response = upload(client, user_headers, [*images, duplicate], name="pets")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["name"] == "pets" and body["tenant"] == "acme"
+    assert body["classes"] == {"cat": 2, "dog": 2}
+    assert (body["image_count"], body["num_classes"]) == (4, 2)
+    assert (body["added"], body["duplicates"]) == (4, 1)
+    assert body["image_sizes"]["median"] == {"height": 12, "width": 16}
+    assert body["created_at"].endswith("Z") or "+00:00" in body["created_at"]
+
+    root = Path(settings.artifacts_url) / "datasets" / str(body["id"])
+    stored = {path.name: path.read_bytes() for path in root.iterdir()}
+    assert stored == {hashlib.sha256(data).hexdigest(): data for _, data, _ in images}
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(Image).where(Image.dataset_id == body["id"])).all()
+        assert sorted(r.label for r in rows) == ["cat", "cat", "dog", "dog"]
+        assert all(r.uri == f"datasets/{body['id']}/{r.sha256}" for r in rows)
+        assert all((r.height, r.width, r.split) == (12, 16, "train") for r in rows)
+
+
+def test_create_with_labels_as_one_json_array(
+    client: TestClient, user_headers: dict[str, str]
+) -> None:
+    images = two_classes()
+    files = [("files", (name, data, "image/png")) for name, data, _ in images]
+    labels = json.dumps([label for _, _, label in images])
+    response = client.post(
+        "/v1/datasets", files=files, data={"labels": labels}, headers=user_headers
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["classes"] == {"cat": 2, "dog": 2}
+
+
+def test_create_from_zip_with_root_folder_skips_junk(
+    client: TestClient, user_headers: dict[str, str]
+) -> None:
+    archive = make_zip(
+        {
+            "photos/cats/1.png": png(),
+            "photos/cats/nested/2.png": png(),
+            "photos/dogs/1.png": png(),
+            "photos/dogs/2.png": png(),
+            "photos/dogs/.DS_Store": b"junk",
+            "__MACOSX/photos/dogs/._1.png": b"junk",
+            "photos/dogs/Thumbs.db": b"junk",
+        }
+    )
+    response = upload_zip(client, user_headers, archive, filename="my pets.zip")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["classes"] == {"cats": 2, "dogs": 2}
+    assert body["name"] == "my pets"
+
+
+def test_create_needs_an_api_key(client: TestClient) -> None:
+    response = upload(client, {}, two_classes())
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+# --- append ----------------------------------------------------------------------------------
+
+
+def test_append_adds_new_images_and_classes_and_skips_duplicates(
+    client: TestClient, user_headers: dict[str, str]
+) -> None:
+    images = two_classes()
+    dataset_id = upload(client, user_headers, images).json()["id"]
+    more = [("c3.png", png(), "cat"), ("b1.png", png(), "bird"), ("b2.png", png(), "bird")]
+    response = upload(
+        client, user_headers, [*more, images[2]], url=f"/v1/datasets/{dataset_id}/images"
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["classes"] == {"bird": 2, "cat": 3, "dog": 2}
+    assert (body["added"], body["duplicates"], body["image_count"]) == (3, 1, 7)
+
+    archive = make_zip({"cat/4.png": png()})
+    response = upload_zip(client, user_headers, archive, url=f"/v1/datasets/{dataset_id}/images")
+    assert response.status_code == 200, response.text
+    assert response.json()["classes"]["cat"] == 4
+
+
+def test_append_checks_the_resulting_dataset(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    images = two_classes()
+    dataset_id = upload(client, user_headers, images).json()["id"]
+    url = f"/v1/datasets/{dataset_id}/images"
+    before = snapshot(settings)
+    # One image of a new class: the dataset would hold a class below the minimum.
+    response = upload(client, user_headers, [("f1.png", png(), "fish")], url=url)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "too_few_images" and error["classes"] == ["fish"]
+    assert "'fish' (1)" in error["message"] and "2" in error["message"]
+    assert snapshot(settings) == before
+    # The bytes of a stored cat, labelled dog.
+    response = upload(client, user_headers, [("renamed.png", images[0][1], "dog")], url=url)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "conflicting_labels" and "renamed.png" in error["message"]
+    assert snapshot(settings) == before
+
+
+# --- read, list, delete ----------------------------------------------------------------------
+
+
+def test_get_reports_counts_and_size_range(
+    client: TestClient, user_headers: dict[str, str]
+) -> None:
+    images = [
+        ("a.png", png(10, 40), "a"),
+        ("b.png", png(20, 30), "a"),
+        ("c.png", png(30, 20), "b"),
+        ("d.png", png(40, 10), "b"),
+    ]
+    dataset_id = upload(client, user_headers, images).json()["id"]
+    body = client.get(f"/v1/datasets/{dataset_id}", headers=user_headers).json()
+    assert body["classes"] == {"a": 2, "b": 2} and body["image_count"] == 4
+    assert body["image_sizes"] == {
+        "min": {"height": 10, "width": 10},
+        "median": {"height": 20, "width": 20},
+        "max": {"height": 40, "width": 40},
+    }
+    assert body["total_bytes"] == sum(len(data) for _, data, _ in images)
+
+
+def test_list_is_paginated_newest_first(client: TestClient, user_headers: dict[str, str]) -> None:
+    ids = [upload(client, user_headers, two_classes(), name=f"d{i}").json()["id"] for i in range(3)]
+    page = client.get("/v1/datasets?limit=2", headers=user_headers).json()
+    assert page["total"] == 3 and (page["limit"], page["offset"]) == (2, 0)
+    assert [item["id"] for item in page["items"]] == ids[::-1][:2]
+    assert page["items"][0]["classes"] == {"cat": 2, "dog": 2}
+    rest = client.get("/v1/datasets?limit=2&offset=2", headers=user_headers).json()
+    assert [item["id"] for item in rest["items"]] == ids[:1]
+
+
+def test_delete_removes_rows_and_files(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    empty = snapshot(settings)
+    dataset_id = upload(client, user_headers, two_classes()).json()["id"]
+    assert client.delete(f"/v1/datasets/{dataset_id}", headers=user_headers).status_code == 204
+    assert snapshot(settings) == empty
+    again = client.delete(f"/v1/datasets/{dataset_id}", headers=user_headers)
+    assert again.status_code == 404
+    assert again.json()["error"]["code"] == "dataset_not_found"
+
+
+def test_delete_is_refused_while_a_job_uses_the_dataset(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    dataset_id = upload(client, user_headers, two_classes()).json()["id"]
+    with session_scope(settings.database_url) as session:
+        job = Job(
+            tenant="acme",
+            kind="finetune",
+            status="running",
+            dataset_id=dataset_id,
+            base_model="BiT-M-R50x1",
+        )
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    response = client.delete(f"/v1/datasets/{dataset_id}", headers=user_headers)
+    assert response.status_code == 409
+    error = response.json()["error"]
+    assert error["code"] == "dataset_in_use" and error["jobs"] == [job_id]
+    assert str(job_id) in error["message"]
+    assert client.get(f"/v1/datasets/{dataset_id}", headers=user_headers).status_code == 200
+
+    with session_scope(settings.database_url) as session:
+        session.get_one(Job, job_id).status = "succeeded"
+    assert client.delete(f"/v1/datasets/{dataset_id}", headers=user_headers).status_code == 204
+    with session_scope(settings.database_url) as session:
+        assert session.get_one(Job, job_id).dataset_id is None  # the job's history stays
+
+
+def test_tenants_see_only_their_datasets_and_admins_see_all(
+    client: TestClient,
+    user_headers: dict[str, str],
+    other_tenant_headers: dict[str, str],
+    admin_headers: dict[str, str],
+    settings: Settings,
+) -> None:
+    theirs = upload(client, other_tenant_headers, two_classes()).json()["id"]
+    ours = upload(client, user_headers, two_classes()).json()["id"]
+    before = snapshot(settings)
+    for method, url in [
+        ("GET", f"/v1/datasets/{theirs}"),
+        ("DELETE", f"/v1/datasets/{theirs}"),
+    ]:
+        response = client.request(method, url, headers=user_headers)
+        assert response.status_code == 404, (method, url)
+        assert response.json()["error"]["code"] == "dataset_not_found"
+    response = upload(client, user_headers, two_classes(), url=f"/v1/datasets/{theirs}/images")
+    assert response.status_code == 404
+    assert snapshot(settings) == before
+    listed = client.get("/v1/datasets", headers=user_headers).json()
+    assert [item["id"] for item in listed["items"]] == [ours] and listed["total"] == 1
+
+    admin_list = client.get("/v1/datasets", headers=admin_headers).json()
+    assert {item["id"] for item in admin_list["items"]} == {ours, theirs}
+    seen = client.get(f"/v1/datasets/{theirs}", headers=admin_headers).json()
+    assert seen["tenant"] == "globex"
+
+
+# --- service functions used by other modules -------------------------------------------------
+
+
+def test_labeled_images_for_training(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    images = [("z.png", png(), "zebra"), ("z2.png", png(), "zebra"), *two_classes()]
+    dataset_id = upload(client, user_headers, images).json()["id"]
+    store = LocalArtifactStore(settings.artifacts_url)
+    with session_scope(settings.database_url) as session:
+        local = service.labeled_images(session, store, dataset_id)
+    assert local.classes == ("cat", "dog", "zebra")
+    assert local.class_counts() == {"cat": 2, "dog": 2, "zebra": 2}
+    by_bytes = {hashlib.sha256(data).digest(): label for _, data, label in images}
+    for source, label in zip(local.sources, local.labels, strict=True):
+        assert isinstance(source, str)
+        assert by_bytes[hashlib.sha256(Path(source).read_bytes()).digest()] == local.classes[label]
+    assert local.typical_hw() == (12, 16)  # bit_core reads the stored files as they are
+
+
+def test_labeled_images_reads_bytes_from_a_non_local_store(
+    client: TestClient, user_headers: dict[str, str], settings: Settings
+) -> None:
+    dataset_id = upload(client, user_headers, two_classes()).json()["id"]
+    local = LocalArtifactStore(settings.artifacts_url)
+
+    class BytesOnlyStore:
+        """An object store: no local paths."""
+
+        def get_bytes(self, key: str) -> bytes:
+            return local.get_bytes(key)
+
+    with session_scope(settings.database_url) as session:
+        images = service.labeled_images(session, BytesOnlyStore(), dataset_id)  # type: ignore[arg-type]
+    assert all(isinstance(source, bytes) for source in images.sources)
+    assert images.class_counts() == {"cat": 2, "dog": 2}
+
+
+class FailingStore(LocalArtifactStore):
+    """Fails the n-th write, as a full disk or a lost bucket would."""
+
+    def __init__(self, root: str, fail_at: int) -> None:
+        super().__init__(root)
+        self.writes = 0
+        self.fail_at = fail_at
+
+    def put_bytes(self, key: str, data: bytes) -> str:
+        self.writes += 1
+        if self.writes == self.fail_at:
+            raise OSError(28, "No space left on device")
+        return super().put_bytes(key, data)
+
+
+def _items(images: list[tuple[str, bytes, str]]) -> list[UploadItem]:
+    return [UploadItem(filename=name, label=label, content=data) for name, data, label in images]
+
+
+def test_a_failed_write_leaves_nothing_behind(settings: Settings) -> None:
+    empty = snapshot(settings)
+    store = FailingStore(settings.artifacts_url, fail_at=3)
+    with session_scope(settings.database_url) as session, pytest.raises(OSError):
+        service.create_dataset(
+            session, store, settings, tenant="acme", name="x", items=_items(two_classes())
+        )
+    assert store.writes == 3  # two images were written, then removed
+    assert snapshot(settings) == empty
+
+    store = FailingStore(settings.artifacts_url, fail_at=6)
+    with session_scope(settings.database_url) as session:
+        dataset = service.create_dataset(
+            session, store, settings, tenant="acme", name="x", items=_items(two_classes())
+        )
+    before = snapshot(settings)
+    with session_scope(settings.database_url) as session, pytest.raises(OSError):
+        service.append_images(
+            session,
+            store,
+            settings,
+            dataset=session.get_one(Dataset, dataset.id),
+            items=_items(two_classes()),
+        )
+    assert snapshot(settings) == before  # the stored images survive, the new one is gone

@@ -1,0 +1,504 @@
+"""The inference layer alone: dynamic batching, the model cache and loading from the store."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import bit_core
+from bit_core.checkpoint import WEIGHTS_FILE, ModelInfo, save_model
+from bit_core.predict import Predictor
+from service.db.artifacts import LocalArtifactStore
+from service.errors import ApiError
+from service.inference import Inference
+from service.inference.batcher import Batcher
+from service.inference.cache import ModelCache, ModelRef, load_from_store, predictor_bytes
+from service.metrics import REGISTRY
+from tests.factories import CLASS_STYLES, draw_example
+
+CLASSES = list(CLASS_STYLES)
+TIMEOUT_S = 30  # every wait in these tests is bounded by this
+
+
+def save_tiny_model(directory: Path, *, seed: int = 0, crop: int = 32) -> ModelInfo:
+    """An R14x0.5 with a random (not zero) head, so predictions differ per image."""
+    torch.manual_seed(seed)
+    model = bit_core.create_model("R14x0.5", len(CLASSES))
+    with torch.no_grad():
+        model.head.conv.weight.normal_(0.0, 0.05)
+        model.head.conv.bias.normal_(0.0, 0.5)
+    info = ModelInfo(
+        "R14x0.5",
+        CLASSES,
+        crop=crop,
+        base_model="BiT-S-R14x0.5",
+        plan={"total_steps": 10, "crop": crop},
+        metrics={"val_top1": 0.9},
+    )
+    return save_model(directory, model, info)
+
+
+def png_bytes(index: int, seed: int = 0) -> bytes:
+    """A PNG of class `index % 3`, different for every (index, seed)."""
+    colour, style = list(CLASS_STYLES.values())[index % len(CLASS_STYLES)]
+    pixels = draw_example(style, colour, np.random.default_rng(seed * 1000 + index))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model") / "m"
+    save_tiny_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir: Path) -> Predictor:
+    return Predictor.load(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def rows(predictor: Predictor) -> torch.Tensor:
+    """Six preprocessed images."""
+    return predictor.preprocess([png_bytes(i) for i in range(6)])
+
+
+@pytest.fixture(scope="module")
+def one_by_one(predictor: Predictor, rows: torch.Tensor) -> torch.Tensor:
+    """The unbatched reference: each image forwarded alone."""
+    return torch.cat([predictor.probabilities(row[None]) for row in rows])
+
+
+class Recorder:
+    """A forward that records batch sizes and threads; the first call can be held."""
+
+    def __init__(self, predictor: Predictor, *, hold_first: bool = False) -> None:
+        self.predictor = predictor
+        self.sizes: list[int] = []
+        self.threads: set[str] = set()
+        self.hold_first = hold_first
+        self.first_started = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+        self._running = 0
+        self.max_running = 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.sizes.append(len(batch))
+            self.threads.add(threading.current_thread().name)
+            self._running += 1
+            self.max_running = max(self.max_running, self._running)
+            first = len(self.sizes) == 1
+        try:
+            if first and self.hold_first:
+                self.first_started.set()
+                assert self.release.wait(TIMEOUT_S)
+            return self.predictor.probabilities(batch)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded; no timed sleeps)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+# --- batching ------------------------------------------------------------------------------
+
+
+def test_concurrent_calls_share_one_forward_and_each_gets_its_rows(
+    predictor: Predictor, rows: torch.Tensor, one_by_one: torch.Tensor
+):
+    forward = Recorder(predictor)
+    before = REGISTRY.get_sample_value("bit_predict_batch_size_count") or 0.0
+
+    async def main() -> tuple[list[torch.Tensor], float]:
+        # A long max wait: the batch must close because it is full, not by the clock.
+        batcher = Batcher(max_batch_size=len(rows), max_wait_s=TIMEOUT_S)
+        began = time.perf_counter()
+        calls = [batcher.run("m", forward, rows[i : i + 1]) for i in range(len(rows))]
+        results = await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT_S)
+        elapsed = time.perf_counter() - began
+        await batcher.aclose()
+        return results, elapsed
+
+    results, elapsed = asyncio.run(main())
+    assert forward.sizes == [len(rows)]  # 6 callers, 1 forward
+    assert elapsed < TIMEOUT_S / 2
+    for index, result in enumerate(results):
+        assert torch.allclose(result, one_by_one[index : index + 1], atol=1e-5)
+    after = REGISTRY.get_sample_value("bit_predict_batch_size_count") or 0.0
+    assert after - before == 1
+
+
+def test_calls_arriving_during_a_forward_form_the_next_batch(
+    predictor: Predictor, rows: torch.Tensor, one_by_one: torch.Tensor
+):
+    forward = Recorder(predictor, hold_first=True)
+
+    async def main() -> list[torch.Tensor]:
+        batcher = Batcher(max_batch_size=32, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        rest = [
+            asyncio.create_task(batcher.run("m", forward, rows[i : i + 1])) for i in range(1, 6)
+        ]
+        await until(lambda: batcher.queued("m") == 5)
+        forward.release.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *rest), TIMEOUT_S)
+        await batcher.aclose()
+        return results
+
+    results = asyncio.run(main())
+    assert forward.sizes == [1, 5]  # 6 calls, 2 forwards
+    assert all(torch.allclose(r, one_by_one[i : i + 1], atol=1e-5) for i, r in enumerate(results))
+
+
+def test_a_lone_call_waits_at_most_max_wait(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor)
+
+    async def main() -> float:
+        batcher = Batcher(max_batch_size=8, max_wait_s=0.05)
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(batcher.run("m", forward, rows[:1]), TIMEOUT_S)
+        elapsed = asyncio.get_running_loop().time() - began
+        await batcher.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert forward.sizes == [1]
+    assert 0.04 <= elapsed < TIMEOUT_S / 2
+
+
+def test_a_call_joins_a_batch_that_is_still_waiting(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=2, max_wait_s=TIMEOUT_S)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        # The lane exists and its queue is empty: the collector holds the first call and
+        # is waiting for company.
+        await until(lambda: "m" in batcher._lanes and batcher.queued("m") == 0)
+        second = batcher.run("m", forward, rows[1:2])
+        await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT_S)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert forward.sizes == [2]
+
+
+def test_large_calls_are_split_at_max_batch_size(
+    predictor: Predictor, rows: torch.Tensor, one_by_one: torch.Tensor
+):
+    forward = Recorder(predictor)
+
+    async def main() -> torch.Tensor:
+        batcher = Batcher(max_batch_size=4, max_wait_s=0.0)
+        result = await asyncio.wait_for(batcher.run("m", forward, rows), TIMEOUT_S)
+        await batcher.aclose()
+        return result
+
+    result = asyncio.run(main())
+    assert forward.sizes == [4, 2]
+    assert torch.allclose(result, one_by_one, atol=1e-5)
+
+
+def test_without_dynamic_batching_every_call_runs_alone(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=32, max_wait_s=TIMEOUT_S, enabled=False)
+        calls = [batcher.run("m", forward, rows[i : i + 1]) for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT_S)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert forward.sizes == [1, 1, 1, 1]
+    assert forward.threads == {"bit-forward_0"}
+
+
+def test_forwards_of_all_models_run_one_at_a_time_on_one_thread(
+    predictor: Predictor, rows: torch.Tensor
+):
+    forward = Recorder(predictor)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=1, max_wait_s=0.0)
+        calls = [batcher.run(f"m{i % 3}", forward, rows[i : i + 1]) for i in range(6)]
+        await asyncio.wait_for(asyncio.gather(*calls), TIMEOUT_S)
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert len(forward.sizes) == 6
+    assert forward.max_running == 1 and forward.threads == {"bit-forward_0"}
+
+
+def test_a_failed_forward_fails_its_batch_only(predictor: Predictor, rows: torch.Tensor):
+    failures = [RuntimeError("out of memory")]
+
+    def flaky(batch: torch.Tensor) -> torch.Tensor:
+        if failures:
+            raise failures.pop()
+        return predictor.probabilities(batch)
+
+    async def main() -> list[object]:
+        batcher = Batcher(max_batch_size=2, max_wait_s=TIMEOUT_S)
+        calls = [batcher.run("m", flaky, rows[i : i + 1]) for i in range(2)]
+        failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), TIMEOUT_S)
+        after = await asyncio.wait_for(batcher.run("m", flaky, rows[:2]), TIMEOUT_S)
+        await batcher.aclose()
+        return [*failed, after]
+
+    first, second, after = asyncio.run(main())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert isinstance(after, torch.Tensor) and after.shape == (2, len(CLASSES))
+
+
+def test_a_cancelled_call_is_left_out_of_the_forward(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor, hold_first=True)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=32, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        gone = asyncio.create_task(batcher.run("m", forward, rows[1:3]))
+        kept = asyncio.create_task(batcher.run("m", forward, rows[3:4]))
+        await until(lambda: batcher.queued("m") == 2)
+        gone.cancel()  # the client went away
+        forward.release.set()
+        await asyncio.wait_for(asyncio.gather(first, kept), TIMEOUT_S)
+        assert gone.cancelled()
+        await batcher.aclose()
+
+    asyncio.run(main())
+    assert forward.sizes == [1, 1]
+
+
+def test_close_finishes_queued_calls_then_refuses_new_ones(
+    predictor: Predictor, rows: torch.Tensor
+):
+    forward = Recorder(predictor, hold_first=True)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=32, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        queued = asyncio.create_task(batcher.run("m", forward, rows[1:2]))
+        await until(lambda: batcher.queued("m") == 1)
+        closing = asyncio.create_task(batcher.aclose())
+        await until(lambda: batcher._closed)
+        with pytest.raises(ApiError) as refused:
+            await batcher.run("m", forward, rows[:1])
+        assert refused.value.status == 503 and refused.value.code == "shutting_down"
+        forward.release.set()
+        await asyncio.wait_for(asyncio.gather(first, queued, closing), TIMEOUT_S)
+
+    asyncio.run(main())
+    assert forward.sizes == [1, 1]
+
+
+def test_close_fails_calls_still_queued_after_its_timeout(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor, hold_first=True)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch_size=32, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        queued = asyncio.create_task(batcher.run("m", forward, rows[1:2]))
+        await until(lambda: batcher.queued("m") == 1)
+        closing = asyncio.create_task(batcher.aclose(timeout_s=0.0))
+        with pytest.raises(ApiError) as failed:
+            await asyncio.wait_for(queued, TIMEOUT_S)
+        assert failed.value.code == "shutting_down"
+        forward.release.set()  # lets the held forward, and so the close, finish
+        await asyncio.wait_for(closing, TIMEOUT_S)
+        with pytest.raises(ApiError) as cut:  # its forward was abandoned by the close
+            await first
+        assert cut.value.code == "shutting_down"
+
+    asyncio.run(main())
+
+
+# --- the model cache ---------------------------------------------------------------------
+
+
+def tiny_predictor() -> Predictor:
+    return Predictor(bit_core.create_model("R14x0.5", 3), ["a", "b", "c"], 32, device="cpu")
+
+
+def ref(model_id: int) -> ModelRef:
+    return ModelRef(id=model_id, uri=f"jobs/{model_id}/model", sha256="0" * 64)
+
+
+def test_cache_evicts_least_recently_used_models_by_bytes():
+    loads: list[int] = []
+
+    def loader(r: ModelRef) -> Predictor:
+        loads.append(r.id)
+        return tiny_predictor()
+
+    size = predictor_bytes(tiny_predictor())
+    assert size > 0
+    cache = ModelCache(loader, max_bytes=size + size // 2)  # room for one model
+    first = cache.get(ref(1))
+    assert cache.get(ref(1)) is first and loads == [1]
+    cache.get(ref(2))
+    assert cache.ids() == [2] and cache.used_bytes == size and 1 not in cache
+    cache.get(ref(1))
+    assert loads == [1, 2, 1]
+
+    cache = ModelCache(loader, max_bytes=2 * size)  # room for two
+    cache.get(ref(1)), cache.get(ref(2)), cache.get(ref(1))  # 1 is now the most recent
+    cache.get(ref(3))
+    assert cache.ids() == [1, 3]
+    assert cache.evict(3) and not cache.evict(3)
+    assert cache.ids() == [1] and cache.used_bytes == size
+
+
+def test_a_model_over_the_whole_budget_is_still_served_alone():
+    cache = ModelCache(lambda r: tiny_predictor(), max_bytes=1)
+    cache.get(ref(1))
+    cache.get(ref(2))
+    assert cache.ids() == [2]
+
+
+def test_concurrent_first_requests_load_a_model_once():
+    loads: list[int] = []
+    started, release = threading.Event(), threading.Event()
+    shared = tiny_predictor()
+
+    def loader(r: ModelRef) -> Predictor:
+        loads.append(r.id)
+        started.set()
+        assert release.wait(TIMEOUT_S)
+        return shared
+
+    cache = ModelCache(loader, max_bytes=1 << 30)
+    results: list[Predictor] = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get(ref(1)))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    assert started.wait(TIMEOUT_S)
+    release.set()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    assert loads == [1] and len(results) == 8 and all(r is shared for r in results)
+
+
+def test_a_failed_load_is_not_cached_and_is_retried():
+    failures = [ApiError(503, "artifact_store_unavailable", "the store is down")]
+
+    def loader(r: ModelRef) -> Predictor:
+        if failures:
+            raise failures.pop()
+        return tiny_predictor()
+
+    cache = ModelCache(loader, max_bytes=1 << 30)
+    with pytest.raises(ApiError):
+        cache.get(ref(1))
+    assert len(cache) == 0
+    cache.get(ref(1))
+    assert cache.ids() == [1]
+
+
+def test_a_model_evicted_while_loading_is_served_but_not_cached():
+    started, release = threading.Event(), threading.Event()
+
+    def loader(r: ModelRef) -> Predictor:
+        started.set()
+        assert release.wait(TIMEOUT_S)
+        return tiny_predictor()
+
+    cache = ModelCache(loader, max_bytes=1 << 30)
+    results: list[Predictor] = []
+    thread = threading.Thread(target=lambda: results.append(cache.get(ref(1))))
+    thread.start()
+    assert started.wait(TIMEOUT_S)
+    assert cache.evict(1)  # archived meanwhile
+    release.set()
+    thread.join(TIMEOUT_S)
+    assert len(results) == 1 and 1 not in cache
+
+
+# --- loading from the artifact store -----------------------------------------------------
+
+
+@pytest.fixture
+def stored(tmp_path: Path, model_dir: Path) -> tuple[LocalArtifactStore, ModelRef]:
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    shutil.copytree(model_dir, store.path("jobs/1/model"))
+    sha = bit_core.checkpoint.read_model_info(model_dir).sha256
+    return store, ModelRef(id=1, uri="jobs/1/model", sha256=sha)
+
+
+def test_load_from_store_checks_the_weights_against_the_row(
+    stored: tuple[LocalArtifactStore, ModelRef],
+):
+    store, good = stored
+    assert load_from_store(store, good, device="cpu").classes == CLASSES
+    with pytest.raises(ApiError) as replaced:
+        load_from_store(store, ModelRef(1, good.uri, "f" * 64), device="cpu")
+    assert replaced.value.status == 500 and replaced.value.code == "model_corrupt"
+
+    weights = store.path(good.uri) / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ApiError) as tampered:
+        load_from_store(store, good, device="cpu")
+    assert tampered.value.code == "model_corrupt" and "fine-tune" in tampered.value.message
+
+    with pytest.raises(ApiError) as missing:
+        load_from_store(store, ModelRef(2, "jobs/2/model", good.sha256), device="cpu")
+    assert missing.value.status == 500 and missing.value.code == "model_files_missing"
+
+
+def test_inference_predicts_in_chunks_like_the_predictor(
+    stored: tuple[LocalArtifactStore, ModelRef], predictor: Predictor
+):
+    store, model = stored
+    images = [png_bytes(i, seed=3) for i in range(5)]
+    names = [f"{i}.png" for i in range(5)]
+    expected = predictor.predict(images, top_k=2)
+
+    async def main() -> list[list[bit_core.predict.Prediction]]:
+        inference = Inference(
+            ModelCache(partial(load_from_store, store, device="cpu"), 1 << 30),
+            Batcher(max_batch_size=2, max_wait_s=0.0),
+        )
+        try:
+            result = await inference.predict(model, images, names, top_k=2)
+            broken = [*images[:3], b"not an image", b"nor this"]
+            with pytest.raises(ApiError) as bad:
+                await inference.predict(model, broken, names, top_k=2)
+            assert bad.value.status == 422 and bad.value.code == "invalid_image"
+            assert bad.value.message.startswith("3.png:")  # the first bad file, by order
+            return result
+        finally:
+            await inference.aclose()
+
+    result = asyncio.run(main())
+    assert [[p.label for p in row] for row in result] == [
+        [p.label for p in row] for row in expected
+    ]
+    for row, reference in zip(result, expected, strict=True):
+        for got, want in zip(row, reference, strict=True):
+            assert got.probability == pytest.approx(want.probability, abs=1e-5)
