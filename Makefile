@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test lint typecheck unit bench
+.PHONY: install serve test lint typecheck unit bench
 
 $(BIN)/bit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(BIN)/bit: pyproject.toml
 	touch $(BIN)/bit
 
 install: $(BIN)/bit
+
+# The service on the embedded default: SQLite, local artifacts, a broker that needs no
+# server; API and worker in one command. State lives in $BIT_HOME (./.bit).
+serve: install
+	$(BIN)/bit serve
 
 lint: install
 	$(BIN)/ruff check .
