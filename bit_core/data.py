@@ -38,21 +38,29 @@ class LabeledImages:
 
     @classmethod
     def from_pairs(
-        cls, pairs: Sequence[tuple[ImageSource, str]], classes: Sequence[str] | None = None
+        cls,
+        pairs: Sequence[tuple[ImageSource, str]],
+        classes: Sequence[str] | None = None,
+        names: Sequence[str] | None = None,
     ) -> LabeledImages:
-        """Build from (path or bytes, label name); classes default to the sorted labels."""
+        """Build from (path or bytes, label name); classes default to the sorted labels,
+        `names` (how errors refer to each image) to the paths."""
         if not pairs:
             raise ValueError("no images given: provide at least one (image, label) pair")
-        names = sorted({label for _, label in pairs}) if classes is None else list(classes)
-        index = {name: i for i, name in enumerate(names)}
+        class_names = sorted({label for _, label in pairs}) if classes is None else list(classes)
+        index = {name: i for i, name in enumerate(class_names)}
         unknown = sorted({label for _, label in pairs if label not in index})
         if unknown:
-            raise ValueError(f"labels {unknown} are not among the classes {names}")
+            raise ValueError(f"labels {unknown} are not among the classes {class_names}")
+        if names is not None and len(names) != len(pairs):
+            raise ValueError(f"{len(names)} names for {len(pairs)} images")
         return cls(
             sources=tuple(source for source, _ in pairs),
             labels=tuple(index[label] for _, label in pairs),
-            classes=tuple(names),
-            names=tuple(
+            classes=tuple(class_names),
+            names=tuple(names)
+            if names is not None
+            else tuple(
                 f"image #{i}" if isinstance(source, bytes) else str(source)
                 for i, (source, _) in enumerate(pairs)
             ),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api.routes import datasets, health, jobs, models, predict
+from service.api.routes import base_models, datasets, health, jobs, models, predict
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
 from service.metrics import record_request
@@ -32,5 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(models.router)
     app.include_router(predict.router)
+    app.include_router(base_models.router)
     install_inference(app)  # closes the model cache and forward thread at shutdown
     return app

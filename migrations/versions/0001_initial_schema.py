@@ -89,6 +89,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("dataset_id", sa.Integer(), nullable=False),
         sa.Column("label", sa.String(length=256), nullable=False),
+        sa.Column("filename", sa.String(length=512), nullable=False),
         sa.Column("sha256", sa.String(length=64), nullable=False),
         sa.Column("width", sa.Integer(), nullable=False),
         sa.Column("height", sa.Integer(), nullable=False),

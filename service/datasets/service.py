@@ -119,6 +119,7 @@ def _store_images(
             Image(
                 dataset_id=dataset_id,
                 label=image.label,
+                filename=image.item.filename[:512],
                 sha256=image.sha256,
                 width=image.width,
                 height=image.height,
@@ -318,17 +319,21 @@ def labeled_images(session: Session, store: ArtifactStore, dataset_id: int) -> L
     """
     rows = list(
         session.execute(
-            select(Image.label, Image.uri).where(Image.dataset_id == dataset_id).order_by(Image.id)
+            select(Image.label, Image.uri, Image.filename)
+            .where(Image.dataset_id == dataset_id)
+            .order_by(Image.id)
         )
     )
     if not rows:
         raise ValueError(f"dataset {dataset_id} does not exist or has no images")
     sources: list[ImageSource]
     if isinstance(store, LocalArtifactStore):
-        sources = [str(store.path(uri)) for _, uri in rows]
+        sources = [str(store.path(uri)) for _, uri, _ in rows]
     else:
-        sources = [store.get_bytes(uri) for _, uri in rows]
-    labels = [label for label, _ in rows]
+        sources = [store.get_bytes(uri) for _, uri, _ in rows]
+    labels = [label for label, _, _ in rows]
+    # Errors name the file as the user uploaded it, not its internal artifact key.
+    names = [f"{filename or uri} (label '{label}')" for label, uri, filename in rows]
     return LabeledImages.from_pairs(
-        list(zip(sources, labels, strict=True)), classes=sorted(set(labels))
+        list(zip(sources, labels, strict=True)), classes=sorted(set(labels)), names=names
     )

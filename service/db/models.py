@@ -65,6 +65,7 @@ class Image(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
     label: Mapped[str] = mapped_column(String(256))
+    filename: Mapped[str] = mapped_column(String(512), default="")  # as uploaded, for messages
     sha256: Mapped[str] = mapped_column(String(64))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,144 @@
+"""The job runner in-process (no broker): success, cancel between steps, failures, webhook,
+and a duplicate delivery while a live run holds the lease."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+from sqlalchemy import select
+
+from service.auth import Principal
+from service.datasets.service import create_dataset
+from service.datasets.uploads import UploadItem
+from service.db.artifacts import LocalArtifactStore
+from service.db.models import Image, Job, JobMetric, Model, utcnow
+from service.db.session import session_scope
+from service.jobs.service import create_finetune_job
+from service.settings import Settings
+from tests.e2e.live import png_bytes, wait_for
+from tests.factories import CLASS_STYLES
+from worker.runner import run_finetune_job
+from worker.webhook import SIGNATURE_HEADER
+
+PLAN = {"batch_size": 8, "total_steps": 8, "base_lr": 0.01, "precrop": 40, "crop": 32}
+
+
+def make_job(settings: Settings, *, callback_url: str | None = None, steps: int = 8) -> int:
+    items = [
+        UploadItem(filename=f"{name}-{i}.png", label=name, content=png_bytes(style, colour, i))
+        for name, (colour, style) in CLASS_STYLES.items()
+        for i in range(3)
+    ]
+    store = LocalArtifactStore(settings.artifacts_url)
+    with session_scope(settings.database_url) as session:
+        dataset = create_dataset(session, store, settings, tenant="acme", name="t", items=items)
+        job = create_finetune_job(
+            session,
+            settings,
+            principal=Principal(1, "acme", "user"),
+            dataset_id=dataset.id,
+            base_model="R14x0.5",
+            mode="full",
+            overrides={**PLAN, "total_steps": steps},
+            callback_url=callback_url,
+        )
+        return job.id
+
+
+def job_row(settings: Settings, job_id: int) -> Job:
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def test_a_job_runs_and_registers_its_model(sqlite_settings: Settings):
+    job_id = make_job(sqlite_settings)
+    assert run_finetune_job(sqlite_settings, job_id, "w1") == "succeeded"
+    job = job_row(sqlite_settings, job_id)
+    assert job.status == "succeeded" and job.step == 8 and job.progress == 1.0
+    assert job.lease_owner is None and job.attempts == 1
+    with session_scope(sqlite_settings.database_url) as session:
+        model = session.get(Model, job.model_id)
+        assert model is not None and model.classes == sorted(CLASS_STYLES)
+        weights = Path(sqlite_settings.artifacts_url) / model.uri / "weights.safetensors"
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == model.sha256
+        steps = session.scalars(select(JobMetric.step).where(JobMetric.job_id == job_id)).all()
+        assert steps and steps[-1] == 8
+    assert run_finetune_job(sqlite_settings, job_id, "w2") == "skipped"  # a late duplicate
+
+
+def test_cancel_stops_a_running_job_between_steps(sqlite_settings: Settings):
+    settings = sqlite_settings.model_copy(update={"progress_every_s": 0.0})
+    job_id = make_job(settings, steps=400)
+    outcome: list[str] = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(run_finetune_job(settings, job_id, "w1"))
+    )
+    runner.start()
+    wait_for(lambda: job_row(settings, job_id).step >= 2, 120, "two steps")
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.cancel_requested, job.status = True, "cancelling"
+    runner.join(timeout=120)
+    assert outcome == ["cancelled"]
+    job = job_row(settings, job_id)
+    assert job.status == "cancelled" and 2 <= job.step < 400 and job.model_id is None
+
+
+def test_a_corrupt_stored_image_fails_the_job_with_a_code(sqlite_settings: Settings):
+    job_id = make_job(sqlite_settings)
+    with session_scope(sqlite_settings.database_url) as session:
+        uri = session.scalars(select(Image.uri)).first()
+    (Path(sqlite_settings.artifacts_url) / str(uri)).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert run_finetune_job(sqlite_settings, job_id, "w1") == "failed"
+    job = job_row(sqlite_settings, job_id)
+    assert job.status == "failed" and job.error_code == "invalid_image"
+    assert job.traceback is None and "send a JPEG, PNG" in (job.error or "")
+    assert (job.error or "").startswith(f"{next(iter(CLASS_STYLES))}-0.png")  # as uploaded
+
+
+def test_a_live_lease_makes_a_duplicate_delivery_skip(sqlite_settings: Settings):
+    job_id = make_job(sqlite_settings)
+    with session_scope(sqlite_settings.database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_owner, job.lease_expires_at = "other", utcnow() + dt.timedelta(seconds=60)
+    assert run_finetune_job(sqlite_settings, job_id, "w1") == "skipped"
+    assert job_row(sqlite_settings, job_id).status == "queued"
+
+
+def test_the_result_is_posted_signed(sqlite_settings: Settings):
+    received: list[tuple[bytes, str]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((body, self.headers[SIGNATURE_HEADER]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = sqlite_settings.model_copy(update={"webhook_secret": "s3cret"})
+    try:
+        job_id = make_job(settings, callback_url=f"http://127.0.0.1:{server.server_port}/hook")
+        assert run_finetune_job(settings, job_id, "w1") == "succeeded"
+    finally:
+        server.shutdown()
+    body, signature = received[0]
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(signature, expected)
+    payload = json.loads(body)
+    assert payload["job_id"] == job_id and payload["status"] == "succeeded" and payload["model_id"]
+    assert job_row(settings, job_id).callback_status == "204"
