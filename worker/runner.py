@@ -13,7 +13,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.datasets.service import labeled_images
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -23,6 +22,7 @@ from bit_core.images import ImageDecodeError
 from bit_core.npz import CheckpointError
 from bit_core.recipe import resolve_base, run_finetune
 from bit_core.train import Progress, RunConfig
+from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore, open_store
 from service.db.models import Job, JobMetric, Model
 from service.db.session import session_factory
