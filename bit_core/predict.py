@@ -9,7 +9,7 @@ import torch
 
 from bit_core import augment
 from bit_core.checkpoint import ModelInfo, load_model
-from bit_core.device import autocast_for, resolve_device, to_device_layout
+from bit_core.device import autocast_for, resolve_device, to_device_layout, use_channels_last
 from bit_core.images import ImageSource, load_square
 from bit_core.resnetv2 import ResNetV2
 
@@ -46,7 +46,7 @@ class Predictor:
         self.crop = crop
         self.info = info
         self.model = model.prepare_for_inference().to(self.device)
-        if self.device.type == "cuda":
+        if use_channels_last(self.device, crop):
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @classmethod

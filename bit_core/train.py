@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bit_core import augment
 from bit_core.checkpoint import load_training_state, restore_training_state, save_training_state
 from bit_core.data import LabeledImages, StepSampler, iterate_batches
-from bit_core.device import autocast_for, resolve_device, to_device_layout
+from bit_core.device import autocast_for, resolve_device, to_device_layout, use_channels_last
 from bit_core.evaluate import evaluate
 from bit_core.hyperrule import Plan
 from bit_core.resnetv2 import ResNetV2
@@ -123,6 +123,7 @@ def train_loop(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     on_eval: EvalHook | None = None,
+    image_side: int = 0,
 ) -> TrainResult:
     """Run `schedule` on `model`, resuming from `checkpoint_path` when it exists.
 
@@ -139,10 +140,11 @@ def train_loop(
         should_stop: polled between steps; True stops cleanly (cooperative cancel).
         on_eval: called with the step count every `eval_every` steps and at the end;
             returns validation metrics to record.
+        image_side: training crop size; picks the memory layout (`use_channels_last`).
     """
     device = resolve_device(config.device)
     model.to(device)
-    if device.type == "cuda":
+    if use_channels_last(device, image_side):
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     optimizer = torch.optim.SGD(
@@ -318,4 +320,5 @@ def finetune(
         on_progress=on_progress,
         should_stop=should_stop,
         on_eval=on_eval,
+        image_side=plan.crop,
     )

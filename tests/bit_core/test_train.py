@@ -60,6 +60,8 @@ def test_small_model_learns_separable_task_well_above_chance(train_folder: Path,
         pytest.param({}, id="plain"),
         pytest.param({"mixup_alpha": 0.1}, id="mixup"),
         pytest.param({"batch_size": 24}, id="with-replacement"),  # 18 images < batch 24
+        # Large images train in channels_last on CPU too (device.use_channels_last).
+        pytest.param({"batch_size": 4, "precrop": 272, "crop": 256}, id="channels-last"),
     ],
 )
 def test_resume_is_bit_identical(train_folder: Path, tmp_path: Path, overrides: dict):
