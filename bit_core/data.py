@@ -117,8 +117,9 @@ class SquareImages(Dataset[tuple[torch.Tensor, int]]):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(uint8 image, its index): targets are gathered by index, single- or multi-label."""
         array = load_square(self.images.sources[index], self.size, name=self.images.names[index])
-        return torch.from_numpy(array), self.images.labels[index]
+        return torch.from_numpy(array), index
 
 
 class StepSampler:
@@ -179,26 +180,41 @@ def iterate_batches(
     *,
     num_workers: int = 0,
     device: torch.device | str = "cpu",
+    targets: torch.Tensor | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(step, uint8 images (B, 3, size, size), labels (B,)) for each step, on `device`.
+    """(step, uint8 images (B, 3, size, size), targets (B, ...)) for each step, on `device`.
+
+    Args:
+        targets: per-image targets, indexed like `images` (default: the class indices);
+            e.g. multi-hot rows for multi-label pre-training.
+        part: (rank, world): this process takes every world-th example of each global
+            batch, so data-parallel ranks never read the same example of a step.
 
     Small sets are decoded once and gathered per step; larger sets stream through a
     DataLoader whose workers decode in parallel.
     """
+    rank, world = part
+    table = torch.tensor(images.labels, dtype=torch.long) if targets is None else targets
+    table = table.to(device)
+
+    def step_indices(step: int) -> np.ndarray:
+        return sampler.indices(step)[rank::world]
+
     if len(images) * 3 * size * size <= PRELOAD_LIMIT_BYTES:
         decoded = SquareImages(images, size)
         pixels = torch.stack([decoded[i][0] for i in range(len(images))]).to(device)
-        labels = torch.tensor(images.labels, dtype=torch.long, device=device)
         for step in steps:
-            index = torch.from_numpy(sampler.indices(step)).to(device)
-            yield step, pixels[index], labels[index]
+            index = torch.from_numpy(step_indices(step)).to(device)
+            yield step, pixels[index], table[index]
         return
     loader = DataLoader(
         SquareImages(images, size),
-        batch_sampler=[sampler.indices(step).tolist() for step in steps],
+        batch_sampler=[step_indices(step).tolist() for step in steps],
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
     )
-    for step, (pixels, labels) in zip(steps, loader, strict=True):
-        yield step, pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for step, (pixels, index) in zip(steps, loader, strict=True):
+        index = index.to(device, non_blocking=True)
+        yield step, pixels.to(device, non_blocking=True), table[index]

@@ -124,6 +124,8 @@ def train_loop(
     should_stop: StopCheck | None = None,
     on_eval: EvalHook | None = None,
     image_side: int = 0,
+    wrap: Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    writes_checkpoints: bool = True,
 ) -> TrainResult:
     """Run `schedule` on `model`, resuming from `checkpoint_path` when it exists.
 
@@ -141,6 +143,8 @@ def train_loop(
         on_eval: called with the step count every `eval_every` steps and at the end;
             returns validation metrics to record.
         image_side: training crop size; picks the memory layout (`use_channels_last`).
+        wrap: builds the forward callable from the placed model (e.g. DistributedDataParallel).
+        writes_checkpoints: False on data-parallel ranks other than 0 (they only read).
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -170,15 +174,15 @@ def train_loop(
         evaluations = state.meta.get("evaluations", [])
 
     micro = config.micro_batch_size or 0
-    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    forward: Callable[[torch.Tensor], torch.Tensor] = model if wrap is None else wrap(model)
     if config.compile:
-        forward = torch.compile(model)
+        forward = torch.compile(forward)
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return autocast_for(device, config.precision)
 
     def checkpoint(steps_done: int) -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and writes_checkpoints:
             save_training_state(
                 checkpoint_path,
                 model,
