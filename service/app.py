@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from service.api.routes import base_models, datasets, health, jobs, models, predict
+from service.api.routes import base_models, datasets, health, jobs, models, predict, pretrain
+from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
 from service.metrics import record_request

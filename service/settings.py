@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     default_base_model: str = "BiT-M-R50x1"
     webhook_secret: str = ""  # signs callback POSTs (HMAC-SHA256); set it in production
     webhook_timeout_s: float = 10.0
+    # Signs dashboard session cookies; empty: a random one kept in $BIT_HOME/session_secret.
+    session_secret: str = ""
+
+    # Pre-training: "local" runs torchrun on the worker's host (one node); "slurm" submits
+    # the same torchrun command with sbatch across nodes.
+    pretrain_launcher: str = "local"
+    slurm_partition: str = ""
+    pretrain_data_roots: str = ""  # comma-separated server folders a pretrain job may read
 
     host: str = "127.0.0.1"
     port: int = 8000

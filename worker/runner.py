@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,8 +129,19 @@ class ProgressWriter:
             self.state.stop.set()
 
 
-def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
-    """Run job `job_id` if it can be claimed; returns what happened (for logs and tests)."""
+Execute = Callable[[Session, Settings, ArtifactStore, Job, str, RunState, Path], str]
+
+
+def run_job(
+    settings: Settings,
+    job_id: int,
+    owner: str,
+    *,
+    checkpoint_for: Callable[[ArtifactStore, Job], Path],
+    execute: Execute,
+) -> str:
+    """Claim job `job_id`, run `execute` under a heartbeat, record failures; returns what
+    happened: succeeded, failed, cancelled, skipped (not ours to run) or lease_lost."""
     make_session = session_factory(settings.database_url)
     with make_session() as session:
         job = take_lease(session, job_id, owner, settings.lease_s)
@@ -140,20 +152,18 @@ def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
             session.commit()
             return "cancelled"
         store = artifact_store(settings)
-        job_dir = store.local_dir(f"jobs/{job.id}")
-        checkpoint = job_dir / "state.safetensors"
-        resuming = checkpoint.exists()
+        checkpoint = checkpoint_for(store, job)
         job.status = "running"
         job.attempts += 1
         job.started_at = job.started_at or job.heartbeat_at
-        add_event(session, job, "resumed" if resuming else "started", worker=owner)
+        add_event(session, job, "resumed" if checkpoint.exists() else "started", worker=owner)
         session.commit()
 
         state = RunState()
         heartbeat = Heartbeat(settings, job.id, owner, state)
         heartbeat.start()
         try:
-            outcome = _train_and_register(session, settings, store, job, owner, state, checkpoint)
+            outcome = execute(session, settings, store, job, owner, state, checkpoint)
         except Exception as exc:
             session.rollback()
             code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), None)
@@ -174,6 +184,17 @@ def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
         if outcome in ("succeeded", "failed", "cancelled") and job.callback_url:
             deliver_result(settings, session, job)
         return outcome
+
+
+def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
+    """Run fine-tuning job `job_id` if it can be claimed (resuming from its checkpoint)."""
+    return run_job(
+        settings,
+        job_id,
+        owner,
+        checkpoint_for=lambda store, job: store.local_dir(f"jobs/{job.id}") / "state.safetensors",
+        execute=_train_and_register,
+    )
 
 
 def _train_and_register(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.settings import get_settings
 from worker.celery_app import app, set_current_job, worker_name
+from worker.pretrain import run_pretrain_job
 from worker.runner import run_finetune_job
 
 
@@ -13,5 +14,15 @@ def finetune(job_id: int) -> str:
     set_current_job(job_id)
     try:
         return run_finetune_job(get_settings(), job_id, worker_name())
+    finally:
+        set_current_job(None)
+
+
+@app.task(name="bit.pretrain")
+def pretrain(job_id: int) -> str:
+    """Run pre-training job `job_id`: launch and supervise its distributed run."""
+    set_current_job(job_id)
+    try:
+        return run_pretrain_job(get_settings(), job_id, worker_name())
     finally:
         set_current_job(None)

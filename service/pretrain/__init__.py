@@ -1,0 +1,1 @@
+"""Upstream pre-training jobs: requests, plans, data sources."""
