@@ -110,6 +110,71 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+    import tempfile
+
+    from bit_core import pretrain_run
+    from bit_core.upstream import upstream_plan
+
+    data = pretrain_run.load_data(args.data)
+    plan = upstream_plan(
+        len(data),
+        len(data.classes),
+        recipe=args.recipe,
+        multi_label=data.multi_label,
+        global_batch=args.global_batch,
+        epochs=args.epochs,
+        total_steps=args.steps,
+        base_lr=args.lr,
+        resolution=args.resolution,
+        warmup_steps=args.warmup,
+    )
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="bit-pretrain-"))
+    pretrain_run.write_spec(
+        run_dir,
+        arch=args.arch,
+        data=str(Path(args.data).resolve()),
+        plan=plan,
+        config=RunConfig(
+            seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every
+        ),
+    )
+    print(
+        f"{len(data)} images, {len(data.classes)} classes ({plan.loss} loss): "
+        f"{plan.total_steps} steps of {plan.global_batch} on {args.nproc} process(es); "
+        f"run directory {run_dir}",
+        file=sys.stderr,
+    )
+    if args.nproc == 1:
+        pretrain_run.main(run_dir)
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(args.nproc),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            "--max-restarts",
+            str(args.max_restarts),
+            "-m",
+            "bit_core.pretrain_run",
+            str(run_dir),
+        ]
+        if subprocess.run(command, check=False).returncode != 0:
+            raise CommandFailed(f"the distributed run failed; see the output above and {run_dir}")
+    shutil.copyfile(run_dir / pretrain_run.RESULT, args.out)
+    print(f"base model written to {args.out} (official BiT .npz layout)")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from bit_core.predict import Predictor
 
@@ -220,6 +285,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_finetune(sub)
 
+    p = sub.add_parser("pretrain", help="pre-train a BiT model upstream (torchrun, local)")
+    p.add_argument("data", help="ImageFolder directory, or a .csv/.jsonl manifest (uri, labels)")
+    p.add_argument("--arch", required=True, help="architecture, e.g. R50x1 or R26x1")
+    p.add_argument("--recipe", choices=("bit-s", "bit-m", "bit-l"), default="bit-m")
+    p.add_argument("--steps", type=int, help="total steps (instead of the recipe's epochs)")
+    p.add_argument("--epochs", type=float, help="override the recipe's epochs")
+    p.add_argument("--global-batch", type=int, default=4096)
+    p.add_argument("--lr", type=float, help="override the base lr (0.03 x batch / 256)")
+    p.add_argument("--warmup", type=int, help="override the warmup steps")
+    p.add_argument("--resolution", type=int, help="training resolution (default 224)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine")
+    p.add_argument("--max-restarts", type=int, default=3, help="elastic restarts on failure")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--run-dir", help="directory for checkpoints and progress (resumable)")
+    p.add_argument("--out", default="pretrained.npz", help="the resulting base model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(handler=_cmd_pretrain)
+
     p = sub.add_parser("predict", help="classify images with a trained model")
     p.add_argument("model", help="model directory written by `bit finetune`")
     p.add_argument("images", nargs="+", help="image files")
@@ -253,7 +337,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
 
 
 # Errors a user can act on are printed as one line, without a traceback.
+class CommandFailed(RuntimeError):
+    """A step the command ran (e.g. the distributed run) failed; it said why already."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    CommandFailed,
     ValueError,
     LookupError,
     FileNotFoundError,

@@ -123,3 +123,27 @@ def test_user_errors_are_one_clear_line(tmp_path: Path, train_folder: Path):
 def test_every_command_has_help(tmp_path: Path, command: list[str]):
     shown = bit(*command, "--help", cwd=tmp_path)
     assert shown.returncode == 0 and "usage: bit" in shown.stdout
+
+
+def test_pretrain_writes_an_importable_base_model(tmp_path: Path, train_folder: Path):
+    done = bit(
+        "pretrain",
+        str(train_folder),
+        "--arch",
+        "R14x0.5",
+        "--steps",
+        "4",
+        "--global-batch",
+        "6",
+        "--resolution",
+        "32",
+        "--out",
+        "base.npz",
+        "--run-dir",
+        "run",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "softmax loss" in done.stderr and (tmp_path / "run" / "state.safetensors").exists()
+    imported = bit("weights", "import", "base.npz", "--name", "mine", cwd=tmp_path)
+    assert imported.returncode == 0 and "R14x0.5, 3 classes" in imported.stdout
