@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bit_core import augment
 from bit_core.data import StepSampler, iterate_batches
 from bit_core.resnetv2 import ResNetV2
+from bit_core.shards import ShardSet, shard_batches
 from bit_core.train import (
     ProgressCallback,
     RunConfig,
@@ -92,7 +93,7 @@ def agreed_stop(local: StopCheck | None, device: torch.device, world: int) -> St
 
 def pretrain(
     model: ResNetV2,
-    data: UpstreamImages,
+    data: UpstreamImages | ShardSet,
     plan: UpstreamPlan,
     config: RunConfig | None = None,
     *,
@@ -104,7 +105,8 @@ def pretrain(
 
     Args:
         model: a ResNetV2 with `plan.num_classes` outputs (from scratch or a warm start).
-        data: the upstream images and their label sets.
+        data: the upstream images and their label sets, or tar shards (each rank reads
+            its own shards).
         plan: from `bit_core.upstream.upstream_plan`.
         config: seed, device ("auto": this rank's GPU, else CPU), checkpoint cadence.
         checkpoint_path: shared by all ranks; rank 0 writes it, every rank resumes from it.
@@ -118,20 +120,36 @@ def pretrain(
         init_process_group(device)
     if plan.global_batch % world:
         raise ValueError(f"global batch {plan.global_batch} does not split over {world} ranks")
+    sampler = StepSampler(
+        len(data) if isinstance(data, UpstreamImages) else data.num_examples,
+        plan.global_batch,
+        config.seed,
+    )
     if model.num_classes != len(data.classes):
         raise ValueError(
             f"the head has {model.num_classes} outputs for {len(data.classes)} classes"
         )
-    sampler = StepSampler(len(data), plan.global_batch, config.seed)
-    if plan.loss == "sigmoid":
-        targets, loss_fn = data.multi_hot(), sigmoid_cross_entropy
-    else:
-        targets = F.one_hot(torch.tensor(data.images.labels), len(data.classes)).float()
-        loss_fn = soft_cross_entropy
     precrop = round(plan.resolution * PRECROP_RATIO)
+    loss_fn = sigmoid_cross_entropy if plan.loss == "sigmoid" else soft_cross_entropy
 
-    def batches(steps: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        source = iterate_batches(
+    def raw_batches(steps: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        if isinstance(data, ShardSet):
+            return shard_batches(
+                data,
+                rank=rank,
+                world=world,
+                batch_size=plan.global_batch // world,
+                size=precrop,
+                steps=steps,
+                seed=config.seed,
+                device=device,
+            )
+        targets = (
+            data.multi_hot()
+            if plan.loss == "sigmoid"
+            else F.one_hot(torch.tensor(data.images.labels), len(data.classes)).float()
+        )
+        return iterate_batches(
             data.images,
             sampler,
             precrop,
@@ -141,13 +159,12 @@ def pretrain(
             targets=targets,
             part=(rank, world),
         )
-        for step, pixels, batch_targets in source:
+
+    def batches(steps: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for step, pixels, batch_targets in raw_batches(steps):
             rng = augment.step_generator(config.seed * 1000 + rank, step)
-            yield (
-                step,
-                inception_crop(augment.to_unit_range(pixels), plan.resolution, rng),
-                batch_targets,
-            )
+            images = inception_crop(augment.to_unit_range(pixels), plan.resolution, rng)
+            yield step, images, batch_targets
 
     wrap: Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None
     if world > 1:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from bit_core.npz import load_bit_npz, save_bit_npz
 from bit_core.pretrain import distributed_context, pretrain
 from bit_core.registry import create_model
+from bit_core.shards import ShardSet
 from bit_core.train import Progress, RunConfig
 from bit_core.upstream import UpstreamPlan
 from bit_core.upstream_data import UpstreamImages
@@ -60,11 +61,14 @@ def write_spec(
     return run_dir / SPEC
 
 
-def load_data(source: str) -> UpstreamImages:
+def load_data(source: str) -> UpstreamImages | ShardSet:
+    """A manifest file, a folder of tar shards, or an ImageFolder."""
     path = Path(source)
-    return (
-        UpstreamImages.from_manifest(path) if path.is_file() else UpstreamImages.from_folder(path)
-    )
+    if path.is_file():
+        return UpstreamImages.from_manifest(path)
+    if any(path.glob("*.tar")):
+        return ShardSet.from_dir(path)
+    return UpstreamImages.from_folder(path)
 
 
 def append_progress(run_dir: Path, record: dict[str, Any]) -> None:
