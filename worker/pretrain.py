@@ -9,6 +9,7 @@ through it, so supervision is the same.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from service.settings import Settings
 from worker.runner import RunState, run_job
 
 POLL_S = 0.5  # how often the supervisor reads progress and checks for a cancel
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_dir_of(store: ArtifactStore, job: Job) -> Path:
@@ -101,6 +103,14 @@ def slurm_script(
     return "\n".join(lines) + "\n"
 
 
+def _die_with_parent() -> None:
+    """In the launcher child: get SIGTERM when the supervising worker dies (even kill -9),
+    so a redelivered job never finds the old run still going (torchrun then stops its
+    ranks)."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -134,7 +144,13 @@ def launch(settings: Settings, run_dir: Path, params: dict) -> subprocess.Popen[
         command = torchrun_command(
             run_dir, nnodes=1, nproc_per_node=nproc, endpoint=endpoint, max_restarts=restarts
         )
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
 
 
 class ProgressTail:

@@ -63,3 +63,63 @@ def test_pretrained_base_model_fine_tunes_through_the_api(live: LiveService):
         assert finetune.status_code == 202, finetune.text
         tuned = live.wait_job(user, finetune.json()["id"], ("succeeded", "failed"), timeout=300)
         assert tuned["status"] == "succeeded" and tuned["base_model"] == "house-R14"
+
+
+def test_worker_killed_during_pretraining_resumes_without_a_second_run(tmp_path, postgres_url):
+    import subprocess
+    import uuid
+
+    from tests.e2e.conftest import service_env
+    from tests.e2e.live import wait_for
+
+    env = service_env(
+        tmp_path,
+        BIT_DATABASE_URL=postgres_url,
+        BIT_BROKER_URL="redis://127.0.0.1:6379/0",
+        BIT_BROKER_KEY_PREFIX=f"bit-test-{uuid.uuid4().hex[:8]}:",
+        BIT_CHECKPOINT_EVERY="5",
+        BIT_LEASE_S="3",
+        BIT_PRETRAIN_DATA_ROOTS=str(tmp_path),
+    )
+    live = LiveService(tmp_path, env).start()
+    try:
+        first = live.start_worker()
+        admin_key = live.bit("admin", "create-key", "--role", "admin").splitlines()[-1]
+        files, labels = labeled_uploads(per_class=6, seed=5)
+        with httpx.Client(
+            base_url=live.url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60
+        ) as admin:
+            dataset = admin.post("/v1/datasets", files=files, data={"labels": labels}).json()
+            job = admin.post(
+                "/v1/pretrain",
+                json={
+                    "arch": "R14x0.5",
+                    "dataset_id": dataset["id"],
+                    "total_steps": 80,
+                    "global_batch": 16,
+                    "nproc_per_node": 2,
+                    "overrides": {"resolution": 64, "base_lr": 0.03},
+                },
+            ).json()
+            wait_for(
+                lambda: admin.get(f"/v1/jobs/{job['id']}").json()["step"] >= 12,
+                300,
+                "pre-training to pass a checkpoint",
+            )
+            live.kill_worker(first)
+
+            def ranks_alive() -> int:
+                found = subprocess.run(
+                    ["pgrep", "-f", f"jobs/{job['id']}/pretrain"], capture_output=True, text=True
+                )
+                return len(found.stdout.split())
+
+            wait_for(lambda: ranks_alive() == 0, 60, "the orphaned ranks to stop")
+            live.start_worker()
+            done = live.wait_job(admin, job["id"], ("succeeded", "failed"), timeout=400)
+            assert done["status"] == "succeeded", done
+            assert done["step"] == 80 and done["attempts"] == 2
+            kinds = [e["kind"] for e in admin.get(f"/v1/jobs/{job['id']}").json()["events"]]
+            assert kinds.count("started") == 1 and kinds.count("resumed") == 1, kinds
+    finally:
+        live.stop()
