@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install serve test lint typecheck unit bench
+.PHONY: install chromium serve test lint typecheck unit bench
 
 $(BIN)/bit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,15 @@ $(BIN)/bit: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/bit
 
-install: $(BIN)/bit
+install: $(BIN)/bit chromium
+
+# The dashboard's browser tests launch Debian's chromium (never a downloaded browser).
+# Installed once where it is missing and we are root (CI); elsewhere the tests skip.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the dashboard's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 # The service on the embedded default: SQLite, local artifacts, a broker that needs no
 # server; API and worker in one command. State lives in $BIT_HOME (./.bit).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from service.api.routes import base_models, datasets, health, jobs, models, predict, pretrain
+from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
 from service.metrics import record_request
@@ -34,5 +35,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(base_models.router)
     app.include_router(pretrain.router)
+    install_dashboard(app)  # /admin: router, static files, security headers
     install_inference(app)  # closes the model cache and forward thread at shutdown
     return app
