@@ -9,6 +9,7 @@ from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
 from service.metrics import record_request
+from service.rate_limit import install as install_rate_limit
 from service.settings import Settings, get_settings
 from service.upload_limit import UploadLimitMiddleware
 
@@ -26,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
+    install_rate_limit(app)  # a token bucket per API key, checked once the key is known
     app.middleware("http")(record_request)
     app.include_router(health.router)
     app.include_router(datasets.router)

@@ -13,6 +13,7 @@ from service.auth import Principal, authenticate
 from service.db.artifacts import ArtifactStore, open_store
 from service.db.session import session_factory
 from service.errors import ApiError
+from service.rate_limit import enforce as enforce_rate_limit
 from service.settings import Settings, get_settings
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -60,6 +61,7 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
     if principal is None:
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked")
     request.state.principal = principal
+    enforce_rate_limit(request, principal)  # every authenticated route: one place
     return principal
 
 

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_classes: int = 1000
     max_label_chars: int = 128
 
+    # Per API key: a token bucket of `rate_limit_burst` requests (0: one minute's worth),
+    # refilled at `rate_limit_per_minute` (0: no limit). In Redis when the broker is Redis.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)
+
     # Inference.
     model_cache_bytes: int = 2 * 1024**3
     batch_max_size: int = 32
