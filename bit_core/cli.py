@@ -38,7 +38,9 @@ class _ProgressBar:
 
             self.bar = tqdm(total=progress.total_steps, unit="step", file=sys.stderr)
         self.bar.n = progress.step
-        self.bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2e}", refresh=False)
+        if progress.loss == progress.loss:  # NaN until a loss exists (linear mode extracting)
+            postfix = {"loss": f"{progress.loss:.4f}", "lr": f"{progress.lr:.2e}"}
+            self.bar.set_postfix(postfix, refresh=False)
         self.bar.set_description(f"{progress.images_per_s:.1f} img/s")
         self.bar.refresh()
 
@@ -80,10 +82,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         num_workers=args.workers,
     )
     out = Path(args.out)
+    if plan.mode == "linear":
+        what = f"features at {plan.crop}px (and mirrored), then an L-BFGS head"
+    else:
+        what = (
+            f"{plan.total_steps} steps of {plan.batch_size} at {plan.precrop}->{plan.crop}px, "
+            f"lr {plan.base_lr:g}"
+        )
     print(
         f"{len(train)} images, {len(train.classes)} classes, base {base.name} ({base.arch}), "
-        f"mode {plan.mode}: {plan.total_steps} steps of {plan.batch_size} at "
-        f"{plan.precrop}->{plan.crop}px, lr {plan.base_lr:g}",
+        f"mode {plan.mode}: {what}",
         file=sys.stderr,
     )
     for note in plan.notes:

@@ -22,6 +22,7 @@ from bit_core.train import Progress, RunConfig, StopCheck, TrainResult
 # and average pooling, so they are of unit scale; this keeps a 1-shot fit from diverging.
 DEFAULT_L2 = 1e-3
 LBFGS_ITERATIONS = 200
+FEATURE_BATCH = 64  # images per forward pass while extracting (twice that with mirrors)
 
 
 # no_grad, not inference_mode: the features feed the autograd-driven head fit.
@@ -33,7 +34,7 @@ def extract_features(
     *,
     device: torch.device,
     precision: str = "auto",
-    batch_size: int = 64,
+    batch_size: int = FEATURE_BATCH,
     mirror: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
     should_stop: StopCheck | None = None,
@@ -107,12 +108,13 @@ def fit_linear(
     device = resolve_device(config.device)
     model.to(device)
     began = time.perf_counter()
-    total = (len(train) + 63) // 64 + 1
+    total = -(-len(train) // FEATURE_BATCH) + 1
 
     def report(done: int, loss: float = float("nan")) -> None:
         if on_progress is not None:
             elapsed = time.perf_counter() - began
-            rate = min(done, total - 1) * 64 / elapsed if elapsed > 0 else 0.0
+            images = min(done * FEATURE_BATCH, len(train))  # the last feature batch may be short
+            rate = images / elapsed if elapsed > 0 else 0.0
             on_progress(Progress(done, total, loss, 0.0, rate, elapsed / done * (total - done)))
 
     extracted = extract_features(
