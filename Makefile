@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install chromium serve test lint typecheck unit bench
+.PHONY: install chromium serve test lint typecheck unit bench parity
 
 $(BIN)/bit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,14 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/python benchmarks/engine_speed.py --out BENCHMARKS.md
+
+# timm's BiT loader is an independent reading of the official .npz files; the parity test
+# needs it, and timm needs torchvision, which PyPI only builds against other torch
+# releases than the project's pin: so a venv of its own (large: a CUDA build of torch).
+PARITY := .venv-parity
+parity:
+	test -x $(PARITY)/bin/python || $(PYTHON) -m venv $(PARITY)
+	$(PARITY)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 timm numpy pillow \
+		safetensors tqdm pytest pytest-timeout
+	PYTHONPATH=. $(PARITY)/bin/python -m pytest -p no:cacheprovider -o addopts= -v \
+		tests/bit_core/test_timm_parity.py
