@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+# Errors of the artifact store's disk that a retry later (or an operator) can fix.
+STORAGE_ERRORS: dict[int, tuple[int, str, str]] = {
+    errno.ENOSPC: (507, "storage_full", "the artifact store is full"),
+    errno.EDQUOT: (507, "storage_full", "the artifact store is over its quota"),
+    errno.EROFS: (503, "storage_unavailable", "the artifact store is read-only"),
+}
+
+
+def storage_error(exc: OSError) -> tuple[int, str, str] | None:
+    """(status, code, message) when `exc` says the artifact store cannot take writes."""
+    return STORAGE_ERRORS.get(exc.errno or 0)
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean the database cannot be reached (not a bad query)."""
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 class ApiError(Exception):
@@ -55,8 +75,10 @@ def install_error_handlers(app: FastAPI) -> None:
             status_code=422,
         )
 
-    @app.exception_handler(OperationalError)
-    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+    @app.exception_handler(DBAPIError)
+    async def _database_down(_: Request, exc: DBAPIError) -> JSONResponse:
+        if not database_unavailable(exc):
+            raise exc  # a real bug: the server error handler answers 500
         return JSONResponse(
             error_body(
                 "database_unavailable",
@@ -64,4 +86,20 @@ def install_error_handlers(app: FastAPI) -> None:
             ),
             status_code=503,
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(OSError)
+    async def _storage(_: Request, exc: OSError) -> JSONResponse:
+        known = storage_error(exc)
+        if known is None:
+            raise exc
+        status, code, what = known
+        return JSONResponse(
+            error_body(
+                code,
+                f"{what}, so the request was not saved: retry later, or ask the operator "
+                "to free space or make the store writable",
+            ),
+            status_code=status,
+            headers={"Retry-After": "60"},
         )

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     progress_every_s: float = 1.0  # throttle for progress writes to the database
     checkpoint_every: int = 50
+    # Files a killed upload or write left behind are removed once this old (see
+    # service.db.orphans); far longer than any upload takes, as one may still be in flight.
+    orphan_grace_s: float = 3600.0
+    orphan_sweep_every_s: float = 600.0
 
     # Uploads and input checks.
     max_upload_bytes: int = 200 * 1024**2

@@ -4,7 +4,10 @@
   re-sent and resumes from its checkpoint. A dead `cancelling` job just becomes cancelled.
 - `queued` for longer than the grace period while the broker queue holds fewer messages
   than there are such jobs: messages were lost (broker restarted without persistence).
-Re-sending is always safe: the DB lease drops duplicates.
+- A job whose runs died `max_attempts` times fails instead (whatever kills it, e.g. running
+  out of memory, would only kill it again).
+Re-sending is always safe: the DB lease drops duplicates. The reconciler also sweeps the
+artifact store of files that killed processes left behind (service.db.orphans).
 """
 
 from __future__ import annotations
@@ -12,13 +15,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from datetime import timedelta
 
 from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from service.db.artifacts import open_store
 from service.db.models import Job, Worker, utcnow
+from service.db.orphans import sweep_orphans
 from service.db.session import session_factory
 from service.jobs.lifecycle import add_event, rows_changed
 from service.jobs.service import send
@@ -72,6 +78,17 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
             add_event(session, job, "cancelled", detail="run died while cancelling")
             session.commit()
             continue
+        if job.attempts >= settings.max_attempts:
+            job.status, job.finished_at = "failed", now
+            job.error_code = "too_many_attempts"
+            job.error = (
+                f"the job's run died {job.attempts} times (last at step {job.step}), so it is "
+                "not re-sent again; look in the worker logs for what killed it (e.g. out of "
+                f"memory), then retry it (POST /v1/jobs/{job.id}/retry)"
+            )
+            add_event(session, job, "failed", detail=job.error)
+            session.commit()
+            continue
         job.status = "queued"
         add_event(session, job, "requeued", detail="heartbeat stale: the run died")
         session.commit()
@@ -101,6 +118,7 @@ class Reconciler(threading.Thread):
         )
         self.stopped = threading.Event()
         self.current_job_id: int | None = None
+        self.swept_at = 0.0  # monotonic time of the last orphan sweep
 
     def beat(self, session: Session) -> None:
         row = session.get(Worker, self.worker_name) or Worker(name=self.worker_name)
@@ -116,6 +134,15 @@ class Reconciler(threading.Thread):
                 with make_session() as session:
                     self.beat(session)
                     resent = reconcile(session, self.settings)
+                    if time.monotonic() - self.swept_at >= self.settings.orphan_sweep_every_s:
+                        self.swept_at = time.monotonic()
+                        sweep_orphans(
+                            session,
+                            open_store(
+                                self.settings.artifacts_url, self.settings.home.resolve() / "cache"
+                            ),
+                            grace_s=self.settings.orphan_grace_s,
+                        )
                 if resent:
                     log.info("reconciler re-sent jobs %s", resent)
             except Exception:  # database or broker down: try again next round

@@ -27,6 +27,7 @@ from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore, open_store
 from service.db.models import Job, JobMetric, Model
 from service.db.session import session_factory
+from service.errors import database_unavailable, storage_error
 from service.jobs.lifecycle import add_event, finish, renew_lease, take_lease
 from service.settings import Settings
 from worker.webhook import deliver_result
@@ -55,7 +56,12 @@ def artifact_store(settings: Settings) -> ArtifactStore:
 
 
 class Heartbeat(threading.Thread):
-    """Renews the lease every `heartbeat_s`; flags cancel requests and a lost lease."""
+    """Renews the lease every `heartbeat_s`; flags cancel requests and a lost lease.
+
+    A run that cannot renew its lease (the database is unreachable) stops itself once half
+    the lease has passed since the last renewal: by the time the lease runs out and the
+    reconciler hands the job to another worker, this run is no longer training.
+    """
 
     def __init__(self, settings: Settings, job_id: int, owner: str, state: RunState) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
@@ -64,7 +70,9 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         make_session = session_factory(self.settings.database_url)
+        renewed_at = time.monotonic()  # the lease was just taken
         while not self.done.wait(self.settings.heartbeat_s):
+            attempt_at = time.monotonic()  # the new expiry counts from before the UPDATE
             try:
                 with make_session() as session:
                     ours, cancel = renew_lease(
@@ -72,7 +80,12 @@ class Heartbeat(threading.Thread):
                     )
             except Exception:  # a DB blip: try again next beat; the lease has slack
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+                if time.monotonic() - renewed_at > self.settings.lease_s / 2:
+                    log.error("job %s: lease not renewed for half of it; stopping", self.job_id)
+                    self.state.lease_lost = True
+                    self.state.stop.set()
                 continue
+            renewed_at = attempt_at
             if not ours:
                 self.state.lease_lost = True
             if cancel:
@@ -109,21 +122,31 @@ class ProgressWriter:
             "images_per_s": progress.images_per_s,
             "eta_s": progress.eta_s,
         }
-        self.session.execute(
-            update(Job).where(Job.id == self.job.id, Job.lease_owner == self.owner).values(**values)
-        )
         loss = progress.loss if progress.loss == progress.loss else None  # NaN -> NULL
-        self.session.add(
-            JobMetric(
-                job_id=self.job.id,
-                step=progress.step,
-                loss=loss,
-                lr=progress.lr,
-                images_per_s=progress.images_per_s,
+        try:
+            self.session.execute(
+                update(Job)
+                .where(Job.id == self.job.id, Job.lease_owner == self.owner)
+                .values(**values)
             )
-        )
-        cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job.id))
-        self.session.commit()
+            self.session.add(
+                JobMetric(
+                    job_id=self.job.id,
+                    step=progress.step,
+                    loss=loss,
+                    lr=progress.lr,
+                    images_per_s=progress.images_per_s,
+                )
+            )
+            cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job.id))
+            self.session.commit()
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            # Progress is best effort: training goes on, the heartbeat guards the lease.
+            self.session.rollback()
+            log.warning("progress of job %s not recorded: database unreachable", self.job.id)
+            return
         if cancel:  # react within a step or two, not a heartbeat later
             self.state.cancelled = True
             self.state.stop.set()
@@ -141,7 +164,8 @@ def run_job(
     execute: Execute,
 ) -> str:
     """Claim job `job_id`, run `execute` under a heartbeat, record failures; returns what
-    happened: succeeded, failed, cancelled, skipped (not ours to run) or lease_lost."""
+    happened: succeeded, failed, cancelled, skipped (not ours to run), lease_lost or
+    interrupted (the database went away; the job resumes once it is back)."""
     make_session = session_factory(settings.database_url)
     with make_session() as session:
         job = take_lease(session, job_id, owner, settings.lease_s)
@@ -151,39 +175,73 @@ def run_job(
             finish(session, job, "cancelled", owner=owner)
             session.commit()
             return "cancelled"
-        store = artifact_store(settings)
-        checkpoint = checkpoint_for(store, job)
         job.status = "running"
         job.attempts += 1
         job.started_at = job.started_at or job.heartbeat_at
-        add_event(session, job, "resumed" if checkpoint.exists() else "started", worker=owner)
         session.commit()
 
         state = RunState()
         heartbeat = Heartbeat(settings, job.id, owner, state)
         heartbeat.start()
         try:
+            # Inside the try: a full or read-only store fails the job here, with its code.
+            store = artifact_store(settings)
+            checkpoint = checkpoint_for(store, job)
+            kind = "resumed" if checkpoint.exists() else "started"
+            add_event(session, job, kind, worker=owner)
+            session.commit()
             outcome = execute(session, settings, store, job, owner, state, checkpoint)
         except Exception as exc:
-            session.rollback()
-            code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), None)
-            finish(
-                session,
-                job,
-                "failed",
-                owner=owner,
-                error=f"{type(exc).__name__}: {exc}" if code is None else str(exc),
-                error_code=code or "internal_error",
-                traceback=None if code else traceback.format_exc(),
-            )
-            session.commit()
-            outcome = "failed"
+            outcome = record_failure(session, job, owner, exc)
         finally:
             heartbeat.done.set()
             heartbeat.join()
         if outcome in ("succeeded", "failed", "cancelled") and job.callback_url:
             deliver_result(settings, session, job)
         return outcome
+
+
+def describe_failure(job: Job, exc: Exception) -> tuple[str, str, str | None]:
+    """(error code, message, traceback or None) for a run that raised `exc`."""
+    code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), None)
+    if code is not None:
+        return code, str(exc), None
+    known = storage_error(exc) if isinstance(exc, OSError) else None
+    if known is not None:
+        _, code, what = known
+        return (
+            code,
+            f"{what} ({exc}); job {job.id} stopped at step {job.step}: free space or make the "
+            f"store writable, then retry it (POST /v1/jobs/{job.id}/retry)",
+            None,
+        )
+    return "internal_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+
+
+def record_failure(session: Session, job: Job, owner: str, exc: Exception) -> str:
+    """Mark the job failed for `exc`; but a lost database is not the job's fault: then the
+    lease is left to run out and the reconciler re-sends the job, which resumes."""
+    session.rollback()
+    if not database_unavailable(exc):
+        code, message, trace = describe_failure(job, exc)
+        try:
+            finish(
+                session,
+                job,
+                "failed",
+                owner=owner,
+                error=message,
+                error_code=code,
+                traceback=trace,
+            )
+            session.commit()
+            return "failed"
+        except Exception as db_exc:
+            if not database_unavailable(db_exc):
+                raise
+            session.rollback()
+    log.warning("job %s interrupted: the database is unreachable; it will resume", job.id)
+    return "interrupted"
 
 
 def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:

@@ -112,8 +112,12 @@ def _store_images(
     """Write each image's original bytes (once per sha256) and stage its row."""
     for image in images:
         key = image_key(dataset_id, image.sha256)
-        if not store.exists(key):
-            store.put_bytes(key, image.item.read())
+        # A file already there is one a killed upload left (rows are deduplicated above):
+        # written again all the same, so the orphan sweeper sees it as fresh (see
+        # service.db.orphans) and leaves it to this upload.
+        existed = store.exists(key)
+        store.put_bytes(key, image.item.read())
+        if not existed:
             written.append(key)
         session.add(
             Image(

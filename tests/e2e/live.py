@@ -106,6 +106,10 @@ class LiveService:
         self.key = self.bit(
             "admin", "create-key", "--role", "user", "--tenant", "e2e"
         ).splitlines()[-1]
+        return self.start_api()
+
+    def start_api(self) -> LiveService:
+        """Start the API process (again, after `kill_api`) and wait until it is ready."""
         self.api = self._spawn(
             [
                 sys.executable,
@@ -128,6 +132,12 @@ class LiveService:
             return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def kill_api(self) -> None:
+        """kill -9 the API process: no shutdown hooks, no cleanup."""
+        assert self.api is not None
+        os.killpg(self.api.pid, signal.SIGKILL)
+        self.api.wait(timeout=30)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         worker = self._spawn(
