@@ -6,17 +6,23 @@ from collections.abc import Iterator
 from functools import lru_cache
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, authenticate
+from service.datasets.schemas import error_responses
 from service.db.artifacts import ArtifactStore, open_store
+from service.db.models import MAX_ID
 from service.db.session import session_factory
 from service.errors import ApiError
 from service.rate_limit import enforce as enforce_rate_limit
 from service.settings import Settings, get_settings
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# Ids in paths and page offsets: out of the database's range is a 422, not a crash.
+IdPath = Annotated[int, Path(ge=1, le=MAX_ID)]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_ID)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
@@ -75,3 +81,16 @@ def admin_principal(principal: CurrentUser) -> Principal:
 
 
 CurrentAdmin = Annotated[Principal, Depends(admin_principal)]
+
+# What the caller's dependencies and the body parsers may answer, for routes' `responses=`.
+AUTH_ERRORS = (
+    (401, "unauthenticated", "missing API key: send 'Authorization: Bearer <key>' ..."),
+    (401, "invalid_api_key", "the API key is unknown or revoked"),
+    (429, "rate_limited", "this API key is over its rate limit of 600 requests a minute ..."),
+)
+ADMIN_ERRORS = ((403, "admin_required", "this action needs an admin API key"),)
+BODY_ERRORS = (
+    (400, "invalid_body", "There was an error parsing the body: send a well-formed body ..."),
+    (413, "upload_too_large", "the request body is over the limit of 209715200 bytes; ..."),
+)
+AUTH_RESPONSES = error_responses(*AUTH_ERRORS)  # every authenticated router's

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # Errors of the artifact store's disk that a retry later (or an operator) can fix.
 STORAGE_ERRORS: dict[int, tuple[int, str, str]] = {
@@ -47,6 +48,24 @@ def not_found(kind: str, ident: object) -> ApiError:
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
+
+
+# Starlette's own refusals (unknown path, wrong method, a body its parsers cannot read) in the
+# API's error shape, with the code a client can branch on and what to do about it.
+_HTTP_ERRORS = {
+    400: ("invalid_body", "send a well-formed body: see the operation in the API docs at /docs"),
+    404: ("not_found", "no such path; the API's paths are listed at /docs"),
+    405: ("method_not_allowed", "this path does not take that method; see /docs"),
+}
+
+
+def http_error_body(request: Request, status: int, detail: str) -> dict[str, Any]:
+    """The error body of a Starlette HTTPException (raised outside our own code)."""
+    code, hint = _HTTP_ERRORS.get(status, (f"http_{status}", "see the API docs at /docs"))
+    if status == 400 and request.headers.get("content-type", "").startswith("multipart/"):
+        code = "invalid_multipart"
+        hint = "send a well-formed multipart/form-data body (e.g. curl -F files=@cat.jpg)"
+    return error_body(code, f"{detail.rstrip('.')}: {hint}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -102,4 +121,12 @@ def install_error_handlers(app: FastAPI) -> None:
             ),
             status_code=status,
             headers={"Retry-After": "60"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            http_error_body(request, exc.status_code, str(exc.detail)),
+            status_code=exc.status_code,
+            headers=exc.headers,
         )

@@ -48,7 +48,7 @@ from service.dashboard.templating import NO_STORE, page, templates, when
 from service.dashboard.thumbnails import SIZES, thumbnail
 from service.db.artifacts import ArtifactStore
 from service.db.models import Dataset, Image, Job, Model
-from service.deps import SessionDep, SettingsDep, StoreDep
+from service.deps import IdPath, SessionDep, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.inference import Inference, InferenceDep
 from service.jobs import service as jobs
@@ -229,7 +229,7 @@ def _job(session: Session, admin: AdminSession, job_id: int) -> Job:
 
 @router.get("/jobs/{job_id}")
 def job_page(
-    request: Request, job_id: int, admin: AdminPage, session: SessionDep, settings: SettingsDep
+    request: Request, job_id: IdPath, admin: AdminPage, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """A job: plan, live curves, throughput, attempts and history, error, actions."""
     job = _job(session, admin, job_id)
@@ -254,7 +254,7 @@ def job_page(
 
 @router.get("/api/jobs/{job_id}")
 def job_state(
-    job_id: int, admin: AdminApi, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
+    job_id: IdPath, admin: AdminApi, session: SessionDep, after: Annotated[int, Query(ge=0)] = 0
 ) -> JSONResponse:
     """A job's progress and the curve points after point `after` (polled by the job page)."""
     job = session.get(Job, job_id)
@@ -315,7 +315,7 @@ def _job_action(
 @router.post("/jobs/{job_id}/cancel")
 def cancel(
     request: Request,
-    job_id: int,
+    job_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
@@ -335,7 +335,7 @@ def cancel(
 @router.post("/jobs/{job_id}/retry")
 def retry(
     request: Request,
-    job_id: int,
+    job_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
@@ -455,7 +455,7 @@ def _model_context(
 @router.get("/models/{model_id}")
 def model_page(
     request: Request,
-    model_id: int,
+    model_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
@@ -470,7 +470,7 @@ def model_page(
 @router.get("/models/{model_id}/evaluation")
 def model_evaluation(
     request: Request,
-    model_id: int,
+    model_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
@@ -492,7 +492,7 @@ def model_evaluation(
 @router.post("/models/{model_id}/try")
 async def try_model(
     request: Request,
-    model_id: int,
+    model_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
@@ -568,7 +568,11 @@ def dataset_list(
 
 @router.get("/datasets/{dataset_id}")
 def dataset_page(
-    request: Request, dataset_id: int, admin: AdminPage, session: SessionDep, settings: SettingsDep
+    request: Request,
+    dataset_id: IdPath,
+    admin: AdminPage,
+    session: SessionDep,
+    settings: SettingsDep,
 ) -> Response:
     """A dataset: images per class and split, and thumbnails of each class."""
     dataset = session.get(Dataset, dataset_id)
@@ -596,7 +600,7 @@ def dataset_page(
 @router.get("/thumbnails/{image_id}.jpg")
 def image_thumbnail(
     request: Request,
-    image_id: int,
+    image_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,

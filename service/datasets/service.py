@@ -27,7 +27,14 @@ from service.datasets.schemas import (
     ImageSize,
     ImageSizeStats,
 )
-from service.datasets.uploads import CheckedImage, UploadItem, check_items, display_name
+from service.datasets.uploads import (
+    CheckedImage,
+    UploadItem,
+    check_dataset_name,
+    check_items,
+    display_name,
+    printable,
+)
 from service.db.artifacts import ArtifactStore, LocalArtifactStore, cleanup_on_error
 from service.db.models import Dataset, Image, Job
 from service.errors import ApiError, not_found
@@ -73,18 +80,22 @@ def _dedupe(checked: Sequence[CheckedImage], existing: Mapping[str, str]) -> lis
     return unique
 
 
-def _check_classes(counts: Mapping[str, int], settings: Settings) -> None:
-    """The class limits, on the dataset as it would be after the upload."""
-    if len(counts) > settings.max_classes:
+def _check_class_count(classes: int, settings: Settings) -> None:
+    if classes > settings.max_classes:
         raise ApiError(
             422,
             "too_many_classes",
-            f"labels: {len(counts)} classes is over the limit of {settings.max_classes}; merge "
+            f"labels: {classes} classes is over the limit of {settings.max_classes}; merge "
             "classes or split the images into several datasets",
             field="labels",
-            classes=len(counts),
+            classes=classes,
             maximum=settings.max_classes,
         )
+
+
+def _check_classes(counts: Mapping[str, int], settings: Settings) -> None:
+    """The class limits, on the dataset as it would be after the upload."""
+    _check_class_count(len(counts), settings)
     short = sorted(
         label for label, count in counts.items() if count < settings.min_images_per_class
     )
@@ -123,7 +134,7 @@ def _store_images(
             Image(
                 dataset_id=dataset_id,
                 label=image.label,
-                filename=image.item.filename[:512],
+                filename=printable(image.item.filename)[:512],  # PostgreSQL stores no NUL
                 sha256=image.sha256,
                 width=image.width,
                 height=image.height,
@@ -146,6 +157,9 @@ def create_dataset(
     items: list[UploadItem],
 ) -> Dataset:
     """Check every item, store the images, then commit the dataset with its image rows."""
+    check_dataset_name(name)
+    # Before decoding a single image: thousands of classes are refused from the labels alone.
+    _check_class_count(len({item.label.strip() for item in items}), settings)
     images = _dedupe(check_items(items, settings), {})
     _check_classes(Counter(image.label for image in images), settings)
     dataset = Dataset(tenant=tenant, name=name)

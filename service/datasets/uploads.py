@@ -71,10 +71,15 @@ class CheckedImage:
     width: int
 
 
+def printable(name: str) -> str:
+    """A client-chosen name with unprintable characters (NUL, controls) shown as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in name)
+
+
 def display_name(name: str) -> str:
     """A client-chosen name, made safe to quote in a message."""
-    printable = "".join(c if c.isprintable() else "?" for c in name)
-    return printable if len(printable) <= MAX_NAME_CHARS else printable[:MAX_NAME_CHARS] + "…"
+    shown = printable(name)
+    return shown if len(shown) <= MAX_NAME_CHARS else shown[:MAX_NAME_CHARS] + "…"
 
 
 # --- multipart -------------------------------------------------------------------------------
@@ -409,6 +414,19 @@ def check_label(label: str, settings: Settings, *, filename: str) -> str:
     if problem is not None:
         raise ApiError(422, "invalid_label", problem, field="labels", file=display_name(filename))
     return cleaned
+
+
+def check_dataset_name(name: str) -> str:
+    """The dataset's name, refused if it holds control characters (PostgreSQL stores no NUL)."""
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise ApiError(
+            422,
+            "invalid_name",
+            f"name {display_name(name)!r} contains control characters (such as NUL or a line "
+            "break); use printable text",
+            field="name",
+        )
+    return name
 
 
 def check_image(item: UploadItem, settings: Settings) -> CheckedImage:

@@ -18,11 +18,35 @@ from sqlalchemy import (
     Text,
     func,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+# Primary keys are Integer: int4 on PostgreSQL, so no row has a larger id. Inputs are checked
+# against it, since a value past 64 bits does not even reach SQLite (OverflowError).
+MAX_ID = 2**31 - 1
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A timestamp read back timezone-aware on every database.
+
+    Everything is stored in UTC, but SQLite drops the zone: without this, the API would
+    answer `2025-01-31T12:00:00` (no offset, not an RFC 3339 date-time) on SQLite only.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -31,7 +55,7 @@ class Base(DeclarativeBase):
 
 class Timestamped:
     created_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, server_default=func.now()
+        UtcDateTime(), default=utcnow, server_default=func.now()
     )
 
 
@@ -46,7 +70,7 @@ class ApiKey(Timestamped, Base):
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     name: Mapped[str] = mapped_column(String(128), default="")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
-    last_used_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
 
 
 class Dataset(Timestamped, Base):
@@ -100,11 +124,11 @@ class Job(Timestamped, Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_owner: Mapped[str | None] = mapped_column(String(128))
-    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    started_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
     callback_url: Mapped[str | None] = mapped_column(String(2048))
     callback_status: Mapped[str | None] = mapped_column(String(64))
     model_id: Mapped[int | None] = mapped_column(Integer)
@@ -121,7 +145,7 @@ class JobMetric(Base):
     lr: Mapped[float | None] = mapped_column(Float)
     val_top1: Mapped[float | None] = mapped_column(Float)
     images_per_s: Mapped[float | None] = mapped_column(Float)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class JobEvent(Base):
@@ -135,7 +159,7 @@ class JobEvent(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
-    at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Model(Timestamped, Base):
@@ -180,4 +204,4 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(128))
     queues: Mapped[str] = mapped_column(String(128))
     current_job_id: Mapped[int | None] = mapped_column(Integer)
-    last_seen: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)

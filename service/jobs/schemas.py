@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from service.db.models import MAX_ID
+
 
 class FinetuneOverrides(BaseModel):
     """Overrides of the BiT-HyperRule plan; anything unset follows the rule."""
@@ -41,7 +43,7 @@ class FinetuneRequest(BaseModel):
             ]
         },
     )
-    dataset_id: int = Field(..., ge=1)
+    dataset_id: int = Field(..., ge=1, le=MAX_ID)
     base_model: str | None = Field(
         default=None, max_length=256, description="default: the server's"
     )

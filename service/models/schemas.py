@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from service.db.models import MAX_ID
+
 MODEL_EXAMPLE: dict[str, Any] = {
     "id": 7,
     "tenant": "acme",
@@ -94,7 +96,7 @@ class PredictJson(BaseModel):
         },
     )
 
-    model_id: int = Field(description="id of a ready model (GET /v1/models)")
+    model_id: int = Field(ge=1, le=MAX_ID, description="id of a ready model (GET /v1/models)")
     images: list[str] = Field(
         description="base64 image files (JPEG, PNG, WebP, ...); a data: URL prefix is allowed"
     )

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.db.models import MAX_ID
+
 
 class PretrainRequest(BaseModel):
     """Pre-train a BiT architecture upstream; the result becomes a base model."""
@@ -27,7 +29,7 @@ class PretrainRequest(BaseModel):
         },
     )
     arch: str = Field(..., max_length=32, description="architecture, e.g. R50x1 or R26x1")
-    dataset_id: int | None = Field(default=None, ge=1, description="an uploaded dataset")
+    dataset_id: int | None = Field(default=None, ge=1, le=MAX_ID, description="an uploaded dataset")
     data_path: str | None = Field(
         default=None,
         max_length=1024,

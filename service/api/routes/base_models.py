@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.base_models import BaseModelRead, list_base_models
-from service.deps import CurrentUser, SettingsDep
+from service.deps import AUTH_RESPONSES, CurrentUser, SettingsDep
 
-router = APIRouter(prefix="/v1", tags=["base models"])
+router = APIRouter(prefix="/v1", tags=["base models"], responses=AUTH_RESPONSES)
 
 
 @router.get("/base-models", response_model=list[BaseModelRead])

@@ -10,9 +10,18 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from service.datasets import service
 from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead, error_responses
 from service.datasets.uploads import archive_stem, parse_upload
-from service.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from service.deps import (
+    AUTH_RESPONSES,
+    CurrentUser,
+    IdPath,
+    OffsetQuery,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 
-UPLOAD_ERRORS = error_responses(
+UPLOAD_ERROR_CODES = (
+    (400, "invalid_multipart", "Invalid multipart data: send a well-formed multipart/form-data"),
     (413, "upload_too_large", "the request body is over the limit of 209715200 bytes; ..."),
     (413, "file_too_large", "cat1.jpg: over the per-image limit of 20971520 bytes; ..."),
     (413, "image_too_large", "cat1.png: 50000x50000 pixels is over the limit of 40000000; ..."),
@@ -20,6 +29,7 @@ UPLOAD_ERRORS = error_responses(
     (422, "invalid_image", "notes.png: not an image Pillow can read; send a JPEG, PNG, ..."),
     (422, "labels_mismatch", "labels: got 2 label(s) for 3 file(s); send one `labels` ..."),
     (422, "invalid_label", "label '' of 'cat1.jpg' is empty; give every image a class name"),
+    (422, "invalid_name", "name 'a?b' contains control characters (such as NUL ...); ..."),
     (422, "too_many_classes", "labels: 1200 classes is over the limit of 1000; ..."),
     (422, "too_few_images", "labels: classes 'dog' (1) have fewer than 2 distinct images ..."),
     (422, "conflicting_labels", "'a.jpg' and 'b.jpg' are the same image but labelled ..."),
@@ -31,11 +41,13 @@ UPLOAD_ERRORS = error_responses(
     (422, "invalid_upload_form", "send either `files` (with `labels`) or one `archive`, ..."),
     (422, "invalid_request", "invalid request: body.name: String should have at most 256 ..."),
 )
+UPLOAD_ERRORS = error_responses(*UPLOAD_ERROR_CODES)
 NOT_FOUND = error_responses((404, "dataset_not_found", "dataset 7 does not exist"))
 
 router = APIRouter(
     prefix="/v1/datasets",
     tags=["datasets"],
+    responses=AUTH_RESPONSES,
     # Far above any sensible upload (Starlette's defaults stop at 1000 files): the real
     # bounds are the byte limits, enforced by the upload middleware and the dataset checks.
     form_limits={"max_files": 100_000, "max_fields": 100_100, "max_part_size": 8 * 1024**2},
@@ -95,7 +107,7 @@ def create_dataset(
     responses={**UPLOAD_ERRORS, **NOT_FOUND},
 )
 def append_images(
-    dataset_id: int,
+    dataset_id: IdPath,
     principal: CurrentUser,
     session: SessionDep,
     store: StoreDep,
@@ -116,7 +128,7 @@ def list_datasets(
     principal: CurrentUser,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
 ) -> DatasetPage:
     """Your tenant's datasets (all tenants' for admins), newest first."""
     rows, total = service.list_datasets(session, principal=principal, limit=limit, offset=offset)
@@ -128,7 +140,7 @@ def list_datasets(
 @router.get(
     "/{dataset_id}", response_model=DatasetRead, summary="Read a dataset", responses=NOT_FOUND
 )
-def get_dataset(dataset_id: int, principal: CurrentUser, session: SessionDep) -> DatasetRead:
+def get_dataset(dataset_id: IdPath, principal: CurrentUser, session: SessionDep) -> DatasetRead:
     """A dataset's class counts, image count, bytes stored and min/median/max image sizes."""
     dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
     return service.describe(session, dataset)
@@ -145,7 +157,7 @@ def get_dataset(dataset_id: int, principal: CurrentUser, session: SessionDep) ->
     },
 )
 def delete_dataset(
-    dataset_id: int, principal: CurrentUser, session: SessionDep, store: StoreDep
+    dataset_id: IdPath, principal: CurrentUser, session: SessionDep, store: StoreDep
 ) -> Response:
     """Delete a dataset, its image rows and stored images; refused while a job uses it."""
     service.delete_dataset(session, store, dataset_id=dataset_id, principal=principal)

@@ -11,10 +11,21 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import StreamingResponse
 from pydantic import HttpUrl, TypeAdapter, ValidationError
 
+from service.api.routes.datasets import UPLOAD_ERROR_CODES
+from service.datasets.schemas import error_responses
 from service.datasets.service import create_dataset
 from service.datasets.uploads import parse_multipart_items
 from service.db.session import session_factory
-from service.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from service.deps import (
+    AUTH_RESPONSES,
+    BODY_ERRORS,
+    CurrentUser,
+    IdPath,
+    OffsetQuery,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 from service.errors import ApiError
 from service.jobs import service
 from service.jobs.lifecycle import TERMINAL
@@ -28,14 +39,29 @@ from service.jobs.schemas import (
     MetricPoint,
 )
 
-router = APIRouter(prefix="/v1", tags=["jobs"])
+router = APIRouter(prefix="/v1", tags=["jobs"], responses=AUTH_RESPONSES)
+
+JOB_NOT_FOUND = (404, "job_not_found", "job 12 does not exist")
+PLAN_ERRORS = (
+    (422, "unknown_base_model", "unknown base model 'R9'; list them with GET /v1/base-models"),
+    (422, "base_model_not_installed", "BiT-M-R50x1 is not installed; run `bit weights ...`"),
+    (422, "invalid_overrides", "unknown override(s) ['lr']; accepted: ..."),
+    (422, "too_few_images", "fine-tuning needs at least 2 classes with 2+ images ..."),
+)
 
 
 def _read(job: object) -> JobRead:
     return JobRead.model_validate(job)
 
 
-@router.post("/finetune", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@router.post(
+    "/finetune",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses=error_responses(
+        *BODY_ERRORS, (404, "dataset_not_found", "dataset 7 does not exist"), *PLAN_ERRORS
+    ),
+)
 def finetune(
     body: FinetuneRequest, session: SessionDep, settings: SettingsDep, principal: CurrentUser
 ) -> JobRead:
@@ -57,6 +83,7 @@ def finetune(
     "/finetune/upload",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
+    responses=error_responses(*UPLOAD_ERROR_CODES, *PLAN_ERRORS),
 )
 def finetune_upload(
     session: SessionDep,
@@ -72,16 +99,15 @@ def finetune_upload(
     name: Annotated[str, Form(max_length=256)] = "",
 ) -> JobRead:
     """Upload labeled images and fine-tune on them in one call (a dataset is created)."""
+    field = "overrides"
     try:
         parsed = FinetuneOverrides.model_validate_json(overrides)
+        field = "callback_url"
         url = str(TypeAdapter(HttpUrl).validate_python(callback_url)) if callback_url else None
     except ValidationError as exc:
         problem = exc.errors()[0]
-        raise ApiError(
-            422,
-            "invalid_request",
-            f"{'.'.join(map(str, problem['loc'])) or 'field'}: {problem['msg']}",
-        ) from exc
+        where = ".".join([field, *map(str, problem["loc"])])  # the form field, then within it
+        raise ApiError(422, "invalid_request", f"{where}: {problem['msg']}", field=field) from exc
     # Check the base before storing anything, so a bad request leaves nothing behind.
     service.resolve_base_model(settings, base_model or settings.default_base_model)
     items = parse_multipart_items(files, labels, settings)
@@ -105,10 +131,13 @@ def finetune_upload(
 def list_jobs(
     session: SessionDep,
     principal: CurrentUser,
-    status_filter: Annotated[str | None, Query(alias="status")] = None,
+    status_filter: Annotated[
+        str | None,
+        Query(alias="status", pattern="^(queued|running|cancelling|succeeded|failed|cancelled)$"),
+    ] = None,
     kind: Annotated[str | None, Query(pattern="^(finetune|pretrain)$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
 ) -> JobPage:
     """Your jobs, newest first; filter by status and kind."""
     rows, total = service.list_jobs(
@@ -117,8 +146,8 @@ def list_jobs(
     return JobPage(items=[_read(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/jobs/{job_id}", response_model=JobDetail)
-def get_job(job_id: int, session: SessionDep, principal: CurrentUser) -> JobDetail:
+@router.get("/jobs/{job_id}", response_model=JobDetail, responses=error_responses(JOB_NOT_FOUND))
+def get_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> JobDetail:
     """A job: status, progress, ETA, plan, metrics, error, curves and history."""
     job = service.get_job(session, principal=principal, job_id=job_id)
     detail = JobDetail.model_validate(job)
@@ -127,23 +156,40 @@ def get_job(job_id: int, session: SessionDep, principal: CurrentUser) -> JobDeta
     return detail
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobRead)
-def cancel_job(job_id: int, session: SessionDep, principal: CurrentUser) -> JobRead:
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobRead,
+    responses=error_responses(
+        JOB_NOT_FOUND, (409, "job_finished", "job 12 already ended (succeeded)")
+    ),
+)
+def cancel_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> JobRead:
     """Cancel: queued jobs stop at once, running ones between two training steps."""
     return _read(service.cancel_job(session, principal=principal, job_id=job_id))
 
 
-@router.post("/jobs/{job_id}/retry", response_model=JobRead)
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=JobRead,
+    responses=error_responses(
+        JOB_NOT_FOUND,
+        (409, "job_not_retryable", "job 12 is running; only failed or cancelled jobs can ..."),
+    ),
+)
 def retry_job(
-    job_id: int, session: SessionDep, settings: SettingsDep, principal: CurrentUser
+    job_id: IdPath, session: SessionDep, settings: SettingsDep, principal: CurrentUser
 ) -> JobRead:
     """Re-run a failed or cancelled job (it resumes from its last checkpoint)."""
     return _read(service.retry_job(session, settings, principal=principal, job_id=job_id))
 
 
-@router.get("/jobs/{job_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses=error_responses(JOB_NOT_FOUND),
+)
 async def job_events(
-    job_id: int,
+    job_id: IdPath,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,

@@ -6,26 +6,48 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from service.deps import CurrentUser, SessionDep, StoreDep
+from service.datasets.schemas import error_responses
+from service.deps import (
+    ADMIN_ERRORS,
+    AUTH_RESPONSES,
+    CurrentUser,
+    IdPath,
+    OffsetQuery,
+    SessionDep,
+    StoreDep,
+)
 from service.inference import InferenceDep
 from service.models import service
 from service.models.schemas import ModelPage, ModelRead
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
 
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "`model_not_found`: no such model for this API key"}
 }
 
 
-@router.get("", response_model=ModelPage, summary="List models")
+@router.get(
+    "",
+    response_model=ModelPage,
+    summary="List models",
+    responses=error_responses(
+        *ADMIN_ERRORS, (422, "invalid_status", "status must be one of ready, archived")
+    ),
+)
 def list_models(
     session: SessionDep,
     principal: CurrentUser,
     status: Annotated[str | None, Query(description="ready | archived")] = None,
-    tenant: Annotated[str | None, Query(description="admins only: one tenant's models")] = None,
+    tenant: Annotated[
+        str | None,
+        Query(
+            description="admins only: one tenant's models",
+            pattern=r"^[^\x00-\x1f\x7f]{1,64}$",  # a tenant name: 1-64 printable characters
+        ),
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: OffsetQuery = 0,
 ) -> ModelPage:
     """Your tenant's models, newest first (admins see every tenant's)."""
     rows, total = service.list_models(
@@ -40,7 +62,7 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelRead, summary="Get a model", responses=NOT_FOUND)
-def get_model(model_id: int, session: SessionDep, principal: CurrentUser) -> ModelRead:
+def get_model(model_id: IdPath, session: SessionDep, principal: CurrentUser) -> ModelRead:
     """A model's classes, metrics, base model, training plan and job."""
     model = service.get_model(session, principal=principal, model_id=model_id)
     return ModelRead.model_validate(model)
@@ -50,7 +72,7 @@ def get_model(model_id: int, session: SessionDep, principal: CurrentUser) -> Mod
     "/{model_id}/archive", response_model=ModelRead, summary="Archive a model", responses=NOT_FOUND
 )
 def archive_model(
-    model_id: int, session: SessionDep, principal: CurrentUser, inference: InferenceDep
+    model_id: IdPath, session: SessionDep, principal: CurrentUser, inference: InferenceDep
 ) -> ModelRead:
     """Stop serving a model (predict answers 409) and free its memory; files are kept."""
     model = service.archive_model(session, principal=principal, model_id=model_id)
@@ -62,7 +84,7 @@ def archive_model(
 
 @router.delete("/{model_id}", status_code=204, summary="Delete a model", responses=NOT_FOUND)
 def delete_model(
-    model_id: int,
+    model_id: IdPath,
     session: SessionDep,
     principal: CurrentUser,
     store: StoreDep,

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.deps import CurrentUser, SessionDep, SettingsDep
+from service.db.models import MAX_ID
+from service.deps import AUTH_RESPONSES, CurrentUser, SessionDep, SettingsDep
 from service.errors import ApiError
 from service.inference import InferenceDep
 from service.models import service
@@ -25,13 +26,18 @@ from service.models.schemas import (
 )
 from service.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+router = APIRouter(prefix="/v1", tags=["predict"], responses=AUTH_RESPONSES)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["model_id", "files"],
     "properties": {
-        "model_id": {"type": "integer", "description": "id of a ready model"},
+        "model_id": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_ID,
+            "description": "id of a ready model",
+        },
         "files": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
@@ -50,6 +56,7 @@ _OPENAPI_BODY = {
     }
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "`invalid_multipart`: a multipart body that cannot be parsed"},
     404: {"description": "`model_not_found`"},
     409: {"description": "`model_archived`"},
     413: {"description": "`too_many_images`, `image_too_large`, `upload_too_large`"},
@@ -91,6 +98,10 @@ async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
         if "model_id" not in form:
             raise ApiError(422, "invalid_request", "form field model_id is required")
         model_id = _form_int(form["model_id"], "model_id", "invalid_request")
+        if not 1 <= model_id <= MAX_ID:
+            raise ApiError(
+                422, "invalid_request", f"model_id must be 1 to {MAX_ID}, got {model_id}"
+            )
         top_k = service.check_top_k(_form_int(form.get("top_k", 5), "top_k", "invalid_top_k"))
         files = form.getlist("files")
         service.check_image_count(len(files))

@@ -4,15 +4,35 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from service.deps import CurrentAdmin, SessionDep, SettingsDep, StoreDep
+from service.datasets.schemas import error_responses
+from service.deps import (
+    ADMIN_ERRORS,
+    AUTH_RESPONSES,
+    BODY_ERRORS,
+    CurrentAdmin,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+)
 from service.jobs.schemas import JobRead
 from service.pretrain.schemas import PretrainRequest
 from service.pretrain.service import create_pretrain_job
 
-router = APIRouter(prefix="/v1", tags=["pretrain"])
+router = APIRouter(prefix="/v1", tags=["pretrain"], responses=AUTH_RESPONSES)
 
 
-@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, response_model=JobRead)
+@router.post(
+    "/pretrain",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses=error_responses(
+        *ADMIN_ERRORS,
+        *BODY_ERRORS,
+        (404, "dataset_not_found", "dataset 7 does not exist"),
+        (422, "invalid_pretrain_request", "give either data_path or dataset_id, not both"),
+        (422, "data_path_missing", "data_path '/data/x' is not a folder this server may read"),
+    ),
+)
 def pretrain(
     body: PretrainRequest,
     session: SessionDep,
