@@ -1,0 +1,335 @@
+"""Security over every route of the app (iterated from `app.routes`, so a new route cannot be
+forgotten): authentication, admin-only routes, tenant isolation, rate limits; keys never in
+logs; the dashboard's headers on every page; checkpoints never unpickled."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import pathlib
+import pickle
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.routing import RouteContext, iter_route_contexts
+from fastapi.testclient import TestClient
+
+from bit_core.checkpoint import WEIGHTS_FILE, load_model, load_training_state
+from bit_core.weights import infer_npz_architecture
+from service.app import create_app
+from service.db.models import Job, Model
+from service.db.session import session_scope
+from service.deps import admin_principal
+from service.settings import Settings
+from tests.dashboard.conftest import sign_in
+from tests.reliability import figures
+from tests.service.conftest import new_key
+from tests.service.test_datasets import png, two_classes, upload
+from tests.service.test_inference import save_tiny_model
+from tests.service.test_models_api import register_model, store_of
+
+# Routes anyone may call. Anything else answering without credentials fails the test.
+PUBLIC = {
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),  # Prometheus scrapes without a key: counts only, no tenant data
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/admin/login"),
+    ("POST", "/admin/login"),  # answers the form again unless the key is an admin's
+}
+ADMIN_ONLY = {("POST", "/v1/pretrain")}
+PARAM = re.compile(r"\{(\w+)\}")
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"device": "cpu", "rate_limit_per_minute": 0})
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def endpoints(app: FastAPI) -> list[tuple[str, str, RouteContext]]:
+    """(method, path template, route) of every HTTP route, HEAD aside, routers flattened."""
+    found = [
+        (method, route.path, route)
+        for route in iter_route_contexts(app.routes)
+        if route.path and route.methods
+        for method in sorted(route.methods)
+        if method != "HEAD"
+    ]
+    assert len(found) > 30, "the app's routes were not found"
+    return found
+
+
+def fill(path: str, ids: dict[str, int]) -> str:
+    return PARAM.sub(lambda m: str(ids.get(m.group(1), 1)), path)
+
+
+def needs_admin(route: RouteContext) -> bool:
+    """Whether the route depends, at any depth, on `admin_principal`."""
+    root = getattr(route, "dependant", None)
+    stack = list(root.dependencies) if root is not None else []
+    while stack:
+        dependant = stack.pop()
+        if dependant.call is admin_principal:
+            return True
+        stack.extend(dependant.dependencies)
+    return False
+
+
+def error_code(response: Any) -> str | None:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --- authentication and roles ----------------------------------------------------------------
+
+
+def test_every_route_but_the_public_ones_needs_credentials(
+    app: FastAPI, client: TestClient
+) -> None:
+    wrong = []
+    routes = endpoints(app)
+    for method, path, _ in routes:
+        response = client.request(method, fill(path, {}), follow_redirects=False)
+        if (method, path) in PUBLIC:
+            continue
+        if path.startswith("/v1/"):
+            ok = response.status_code == 401 and error_code(response) == "unauthenticated"
+        elif path.startswith("/admin"):
+            # Pages redirect to the login page, JSON answers 401, forms fail their CSRF check.
+            location = response.headers.get("location", "")
+            ok = (response.status_code == 303 and location.startswith("/admin/login")) or (
+                response.status_code in (401, 403)
+            )
+        else:
+            ok = False  # a route outside /v1 and /admin must be listed in PUBLIC
+        if not ok:
+            wrong.append(f"{method} {path}: {response.status_code} {response.text[:120]}")
+    figures.add("security: routes checked without credentials", len(routes))
+    assert not wrong, "\n".join(wrong)
+    # A key that is not one, and a key in the wrong scheme, are refused too.
+    assert error_code(client.get("/v1/models", headers=bearer("bit_nope"))) == "invalid_api_key"
+    assert client.get("/v1/models", headers={"Authorization": "Basic Yjpj"}).status_code == 401
+
+
+def test_admin_only_routes_refuse_user_keys(
+    app: FastAPI, client: TestClient, settings: Settings
+) -> None:
+    admin_only = {(m, p) for m, p, route in endpoints(app) if needs_admin(route)}
+    assert admin_only == ADMIN_ONLY  # a new admin route is a decision: list it here
+    user = bearer(new_key(settings, "user", "acme"))
+    for method, path in sorted(admin_only):
+        response = client.request(method, fill(path, {}), headers=user, json={})
+        assert (response.status_code, error_code(response)) == (403, "admin_required"), path
+    # Admin-only filters on shared routes are refused as well.
+    response = client.get("/v1/models", params={"tenant": "globex"}, headers=user)
+    assert (response.status_code, error_code(response)) == (403, "admin_required")
+
+
+def test_another_tenants_ids_answer_404_on_every_route(
+    app: FastAPI, client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    owner = bearer(new_key(settings, "user", "acme"))
+    stranger = bearer(new_key(settings, "user", "globex"))
+    dataset = upload(client, owner, two_classes()).json()["id"]
+    save_tiny_model(tmp_path / "model")
+    model = register_model(settings, tmp_path / "model", tenant="acme")
+    with session_scope(settings.database_url) as session:
+        job = Job(tenant="acme", kind="finetune", status="failed", base_model="R14x0.5")
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    ids = {"dataset_id": dataset, "model_id": model, "job_id": job_id}
+    kinds = {"dataset_id": "dataset", "model_id": "model", "job_id": "job"}
+    wrong, checked = [], 0
+    for method, path, _ in endpoints(app):
+        params = PARAM.findall(path)
+        if not path.startswith("/v1/") or not params:
+            continue
+        checked += 1
+        response = client.request(method, fill(path, ids), headers=stranger)
+        expected = f"{kinds[params[0]]}_not_found"
+        if (response.status_code, error_code(response)) != (404, expected):
+            wrong.append(f"{method} {path}: {response.status_code} {response.text[:120]}")
+    # Ids in bodies, too.
+    image = base64.b64encode(png()).decode()
+    for path, body, expected in (
+        ("/v1/finetune", {"dataset_id": dataset}, "dataset_not_found"),
+        ("/v1/predict", {"model_id": model, "images": [image]}, "model_not_found"),
+    ):
+        response = client.post(path, json=body, headers=stranger)
+        if (response.status_code, error_code(response)) != (404, expected):
+            wrong.append(f"POST {path} (body): {response.status_code} {response.text[:120]}")
+    for listing in ("/v1/datasets", "/v1/jobs", "/v1/models"):
+        assert client.get(listing, headers=stranger).json()["total"] == 0, listing
+    figures.add("security: cross-tenant requests", checked + 2)
+    assert checked >= 10 and not wrong, "\n".join(wrong)
+    # Nothing of the owner's was touched by the stranger's deletes, cancels and retries.
+    assert client.get(f"/v1/datasets/{dataset}", headers=owner).status_code == 200
+    assert client.get(f"/v1/models/{model}", headers=owner).json()["status"] == "ready"
+    assert client.get(f"/v1/jobs/{job_id}", headers=owner).json()["status"] == "failed"
+
+
+def test_every_authenticated_route_is_rate_limited(settings: Settings) -> None:
+    limited = settings.model_copy(update={"rate_limit_per_minute": 1, "rate_limit_burst": 1})
+    app = create_app(limited)
+    routes = [(m, p) for m, p, _ in endpoints(app) if p.startswith("/v1/")]
+    with TestClient(app, raise_server_exceptions=False) as client:
+        for method, path in routes:
+            headers = bearer(new_key(limited, "admin", "acme"))  # a fresh bucket per route
+            client.request(method, fill(path, {}), headers=headers)
+            second = client.request(method, fill(path, {}), headers=headers)
+            assert (second.status_code, error_code(second)) == (429, "rate_limited"), path
+            assert int(second.headers["Retry-After"]) >= 1, path
+    figures.add("security: routes rate limited", len(routes))
+
+
+# --- secrets in logs -------------------------------------------------------------------------
+
+
+def test_api_keys_never_appear_in_logs_or_answers(
+    client: TestClient,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    user, admin = new_key(settings, "user", "acme"), new_key(settings, "admin", "acme")
+    unknown = "bit_" + secrets.token_urlsafe(32)
+    answers = []
+    with caplog.at_level(logging.DEBUG):
+        for key in (user, admin, unknown):
+            answers += [
+                client.get("/v1/datasets", headers=bearer(key)),
+                client.get("/v1/models/999999", headers=bearer(key)),
+                client.post("/v1/finetune", json={"dataset_id": "x"}, headers=bearer(key)),
+                client.post("/v1/predict", content=b"{", headers=bearer(key)),
+                client.get("/v1/jobs", headers={"Authorization": f"Basic {key}"}),
+                client.get("/admin/login"),
+            ]
+        # The dashboard's login form, with a key that may not sign in and one that may.
+        for key in (user, admin):
+            token = re.search(r'name="login_token" value="([^"]+)"', answers[-1].text)
+            assert token is not None
+            answers.append(
+                client.post(
+                    "/admin/login",
+                    data={"api_key": key, "login_token": token.group(1)},
+                    follow_redirects=False,
+                )
+            )
+    assert answers[-1].status_code == 303  # the admin key did sign in
+    captured = capsys.readouterr()
+    texts = [caplog.text, captured.out, captured.err, *(r.text for r in answers)]
+    texts += [str(record.args) for record in caplog.records]
+    texts += [str(dict(r.headers)) for r in answers]
+    for key in (user, admin, unknown):
+        secret = key[len("bit_") :]
+        assert all(secret not in text for text in texts)
+    assert len(caplog.records) > 0  # the requests were logged at all
+    figures.add("security: requests checked for leaked keys", len(answers))
+
+
+# --- the dashboard's headers -----------------------------------------------------------------
+
+
+def test_every_dashboard_page_sends_strict_security_headers(
+    app: FastAPI, client: TestClient, settings: Settings
+) -> None:
+    sign_in(client, new_key(settings, "admin", "acme"))
+    pages = [p for m, p, _ in endpoints(app) if m == "GET" and p.startswith("/admin")]
+    for path in pages:
+        headers = client.get(fill(path, {}), follow_redirects=False).headers
+        csp = headers.get("content-security-policy", "")
+        assert "frame-ancestors 'none'" in csp and "default-src 'none'" in csp, path
+        assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp, path
+        assert headers.get("x-content-type-options") == "nosniff", path
+        assert headers.get("x-frame-options") == "DENY", path
+        assert headers.get("referrer-policy") in ("same-origin", "no-referrer", "strict-origin"), (
+            path
+        )
+    figures.add("security: dashboard pages checked for headers", len(pages))
+
+
+# --- checkpoints are never unpickled ---------------------------------------------------------
+
+
+class PickleBomb:
+    """Unpickling this creates `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_a_pickle_where_a_checkpoint_should_be_is_refused_without_running(
+    client: TestClient, settings: Settings, tmp_path: Path
+) -> None:
+    proof = tmp_path / "the-bomb-works"
+    pickle.loads(pickle.dumps(PickleBomb(proof)))
+    assert proof.exists()  # the bomb is live: unpickling it does run code
+    marker = tmp_path / "code-ran"
+    bombs = {"pickle": pickle.dumps(PickleBomb(marker))}
+    torch_file = tmp_path / "bomb.pt"
+    torch.save(PickleBomb(marker), torch_file)
+    bombs["torch.save"] = torch_file.read_bytes()
+    headers = bearer(new_key(settings, "user", "acme"))
+    save_tiny_model(tmp_path / "model")
+    for kind, payload in bombs.items():
+        # Through the API: a model whose weights file was replaced by the bomb.
+        model_id = register_model(settings, tmp_path / "model")
+        with session_scope(settings.database_url) as session:
+            row = session.get(Model, model_id)
+            assert row is not None
+            directory = store_of(settings).path(row.uri)
+        (directory / WEIGHTS_FILE).write_bytes(payload)
+        files = {"files": ("a.png", png(), "image/png")}
+        response = client.post(
+            "/v1/predict", files=files, data={"model_id": str(model_id)}, headers=headers
+        )
+        assert error_code(response) == "model_corrupt", (kind, response.text)
+        # The engine's loaders, with the integrity check off: still no unpickling.
+        with pytest.raises(Exception):  # noqa: B017 (any refusal; only running code fails)
+            load_model(directory, verify=False)
+        (tmp_path / "state.safetensors").write_bytes(payload)
+        with pytest.raises(ValueError):
+            load_training_state(tmp_path / "state.safetensors")
+        (tmp_path / "base.npz").write_bytes(payload)
+        with pytest.raises(Exception):  # noqa: B017
+            infer_npz_architecture(tmp_path / "base.npz")
+    # An .npz whose array holds pickled objects: numpy is asked not to unpickle.
+    np.savez(
+        tmp_path / "objects.npz",
+        **{"resnet/head/conv2d/kernel": np.array([PickleBomb(marker)], dtype=object)},
+    )
+    with pytest.raises(Exception):  # noqa: B017
+        infer_npz_architecture(tmp_path / "objects.npz")
+    assert not marker.exists()
+    figures.add("security: pickle bombs refused", 2 * 4 + 1)
