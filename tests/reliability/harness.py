@@ -39,7 +39,7 @@ from tests.e2e.live import LiveService, wait_for
 
 # --- holding a process at the moment it opens a file ----------------------------------------
 
-FAN_CLOEXEC, FAN_CLASS_CONTENT, FAN_MARK_ADD = 0x1, 0x4, 0x1
+FAN_CLOEXEC, FAN_CLASS_CONTENT, FAN_MARK_ADD, FAN_MARK_MOUNT = 0x1, 0x4, 0x1, 0x10
 FAN_OPEN_PERM, FAN_EVENT_ON_CHILD, FAN_ALLOW = 0x10000, 0x08000000, 0x1
 AT_FDCWD = -100
 _FAN_EVENT = struct.Struct("IBBHQii")  # fanotify_event_metadata: len, vers, -, hdr, mask, fd, pid
@@ -75,9 +75,11 @@ class FileGate(threading.Thread):
         self._lock = threading.Lock()
         self.start()
 
-    def watch(self, folder: Path) -> None:
-        mask = FAN_OPEN_PERM | FAN_EVENT_ON_CHILD
-        if self._libc.fanotify_mark(self.fd, FAN_MARK_ADD, mask, AT_FDCWD, os.fsencode(folder)):
+    def watch(self, folder: Path, *, mount: bool = False) -> None:
+        """Opens of the files in `folder` (or, with `mount`, anywhere on the mount there)."""
+        flags = FAN_MARK_ADD | (FAN_MARK_MOUNT if mount else 0)
+        mask = FAN_OPEN_PERM | (0 if mount else FAN_EVENT_ON_CHILD)
+        if self._libc.fanotify_mark(self.fd, flags, mask, AT_FDCWD, os.fsencode(folder)):
             raise OSError(ctypes.get_errno(), f"fanotify_mark {folder} failed")
 
     def arm(self, match: Callable[[str], bool], action: Callable[[int, str], None]) -> None:
@@ -91,34 +93,52 @@ class FileGate(threading.Thread):
         return self.hit_path
 
     def run(self) -> None:
+        held: list[tuple[int, threading.Thread]] = []  # openers waiting for their action
         while not self._closing.is_set():
-            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            for fd, action in list(held):
+                if not action.is_alive():
+                    self._allow(fd)
+                    held.remove((fd, action))
+            ready, _, _ = select.select([self.fd], [], [], 0.05 if held else 0.5)
             if not ready:
                 continue
-            try:
-                data = os.read(self.fd, 64 * 1024)
-            except OSError:
-                return  # closed
+            data = os.read(self.fd, 64 * 1024)
             offset = 0
             while offset + _FAN_EVENT.size <= len(data):
                 length, _, _, _, _, fd, pid = _FAN_EVENT.unpack_from(data, offset)
                 offset += length
-                try:
-                    self._look(fd, pid)
-                finally:
-                    os.write(self.fd, _FAN_RESPONSE.pack(fd, FAN_ALLOW))
-                    os.close(fd)
+                action = self._matching(fd)
+                if action is None:
+                    self._allow(fd)
+                    continue
+                # The action runs beside this loop, which keeps allowing other opens: an
+                # action that itself opens files on a watched mount must not wait on us.
+                path = os.readlink(f"/proc/self/fd/{fd}")
+                thread = threading.Thread(target=self._act, args=(action, pid, path))
+                thread.start()
+                held.append((fd, thread))
+        for fd, action in held:
+            action.join()
+            self._allow(fd)
 
-    def _look(self, fd: int, pid: int) -> None:
-        path = os.readlink(f"/proc/self/fd/{fd}")
+    def _matching(self, fd: int) -> Callable[[int, str], None] | None:
+        if fd < 0:  # FAN_NOFD: the queue overflowed; nothing to answer
+            return None
         with self._lock:
-            armed = self._armed
-            if armed is None or not armed[0](path):
-                return
-            self._armed = None
-        armed[1](pid, path)
+            if self._armed is None or not self._armed[0](os.readlink(f"/proc/self/fd/{fd}")):
+                return None
+            action, self._armed = self._armed[1], None
+            return action
+
+    def _act(self, action: Callable[[int, str], None], pid: int, path: str) -> None:
+        action(pid, path)
         self.hit_path = path
         self._hit.set()
+
+    def _allow(self, fd: int) -> None:
+        if fd >= 0:
+            os.write(self.fd, _FAN_RESPONSE.pack(fd, FAN_ALLOW))
+            os.close(fd)
 
     def close(self) -> None:
         self._closing.set()
@@ -240,15 +260,15 @@ def _aware(at: dt.datetime) -> dt.datetime:
 def check_one_run_at_a_time(job: Job, events: list[JobEvent], metrics: list[JobMetric]) -> int:
     """No two runs of `job` overlapped; returns how many runs it had.
 
-    A new run may start only after the reconciler found the previous run's lease expired
-    (a `requeued` event between the two starts). And the progress points written after each
+    A new run may start only after the previous one ended (and the job was retried) or the
+    reconciler found its lease expired (a `requeued` event between the two starts). And the progress points written after each
     run started go strictly up in step: a second run alive at the same time would interleave
     its own, lower steps.
     """
     starts = [e for e in events if e.kind in ("started", "resumed")]
     for before, after in itertools.pairwise(starts):
         between = [e.kind for e in events if before.id < e.id < after.id]
-        assert "requeued" in between, (
+        assert {"requeued", *TERMINAL} & set(between), (
             f"job {job.id}: run {after.attempt} started with run {before.attempt}'s lease "
             f"never expired: {[e.kind for e in events]}"
         )
@@ -289,8 +309,11 @@ def check_invariants(
                 )
                 kinds = [e.kind for e in events]
                 assert job.status in TERMINAL, f"job {job.id} is still {job.status}: {kinds}"
-                ends = [k for k in kinds if k in TERMINAL]
-                assert ends == [job.status], f"job {job.id} ended {ends}, is {job.status}"
+                # Each life of the job (a retry starts the next) ends exactly once.
+                lives = " ".join(kinds).split("retried")
+                ends = [[k for k in life.split() if k in TERMINAL] for life in lives]
+                assert all(len(e) == 1 for e in ends), f"job {job.id} ended {ends}: {kinds}"
+                assert ends[-1] == [job.status], f"job {job.id} ended {ends}, is {job.status}"
                 metrics = list(
                     session.scalars(
                         sa.select(JobMetric)
