@@ -261,9 +261,9 @@ def check_one_run_at_a_time(job: Job, events: list[JobEvent], metrics: list[JobM
     """No two runs of `job` overlapped; returns how many runs it had.
 
     A new run may start only after the previous one ended (and the job was retried) or the
-    reconciler found its lease expired (a `requeued` event between the two starts). And the progress points written after each
-    run started go strictly up in step: a second run alive at the same time would interleave
-    its own, lower steps.
+    reconciler found its lease expired (a `requeued` event between the two starts). And the
+    progress points written after each run started go strictly up in step: a second run
+    alive at the same time would interleave its own, lower steps.
     """
     starts = [e for e in events if e.kind in ("started", "resumed")]
     for before, after in itertools.pairwise(starts):
