@@ -23,6 +23,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from bit_core.checkpoint import load_training_state
 from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, Model
 from service.jobs.lifecycle import TERMINAL
 from tests.e2e.live import LiveService, wait_for
+from tests.service.conftest import POSTGRES_ADMIN_URL
 
 # --- holding a process at the moment it opens a file ----------------------------------------
 
@@ -216,6 +218,19 @@ def small_filesystem(folder: Path, size_bytes: int) -> Iterator[Path]:
 def remount(folder: Path, *, read_only: bool) -> None:
     mode = "ro" if read_only else "rw"
     subprocess.run(["mount", "-o", f"remount,{mode}", str(folder)], check=True, timeout=30)
+
+
+@pytest.fixture(name="database")
+def fresh_database() -> Iterator[str]:
+    """A fresh database on the shared PostgreSQL, so the invariants see this test's rows."""
+    name = f"bit_rel_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 # --- worker processes ------------------------------------------------------------------------

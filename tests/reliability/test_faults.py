@@ -16,14 +16,13 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from service.db.models import Job
 from service.jobs.lifecycle import TERMINAL
@@ -31,10 +30,11 @@ from tests.e2e.conftest import service_env
 from tests.e2e.live import LiveService, free_port, labeled_uploads, start_redis, wait_for
 from tests.e2e.test_faults import submit
 from tests.reliability import figures
-from tests.reliability.harness import (
+from tests.reliability.harness import (  # noqa: F401 (fresh_database: a fixture)
     FileGate,
     PostgresCluster,
     check_invariants,
+    fresh_database,
     job_row,
     kill_pid,
     orphan_files,
@@ -43,7 +43,7 @@ from tests.reliability.harness import (
     small_filesystem,
     wait_no_orphans,
 )
-from tests.service.conftest import POSTGRES_ADMIN_URL, REDIS_URL
+from tests.service.conftest import REDIS_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -53,19 +53,6 @@ PLAN = {"batch_size": 16, "total_steps": 24, "base_lr": 0.01, "precrop": 40, "cr
 CHECKPOINT_EVERY = 4
 KILLS = 2  # per test: each at its own random moment of the same kind
 TERMINAL_STATUSES = tuple(TERMINAL)
-
-
-@pytest.fixture
-def database() -> Iterator[str]:
-    """A fresh database on the shared PostgreSQL, so the invariants see this test's rows."""
-    name = f"bit_rel_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def fault_env(home: Path, database_url: str, **extra: str) -> dict[str, str]:
