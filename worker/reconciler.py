@@ -30,6 +30,7 @@ from service.jobs.lifecycle import add_event, rows_changed
 from service.jobs.service import send
 from service.queueing import celery_client
 from service.settings import QUEUES, Settings
+from worker.webhook import deliver_result
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ def queue_depths(app: Celery) -> dict[str, int]:
         for queue in app.conf.task_queues:
             depths[queue.name] = queue(channel).queue_declare().message_count
     return depths
+
+
+def ended(session: Session, settings: Settings, job: Job) -> None:
+    """Commit a job this pass ended; its webhook fires as if its run had ended it."""
+    session.commit()
+    if job.callback_url:
+        deliver_result(settings, session, job)
 
 
 def reconcile(session: Session, settings: Settings) -> list[int]:
@@ -76,7 +84,7 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
         if job.status == "cancelling":
             job.status, job.finished_at = "cancelled", now
             add_event(session, job, "cancelled", detail="run died while cancelling")
-            session.commit()
+            ended(session, settings, job)
             continue
         if job.attempts >= settings.max_attempts:
             job.status, job.finished_at = "failed", now
@@ -87,7 +95,7 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
                 f"memory), then retry it (POST /v1/jobs/{job.id}/retry)"
             )
             add_event(session, job, "failed", detail=job.error)
-            session.commit()
+            ended(session, settings, job)
             continue
         job.status = "queued"
         add_event(session, job, "requeued", detail="heartbeat stale: the run died")

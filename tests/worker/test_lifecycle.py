@@ -11,6 +11,7 @@ from service.db.session import session_scope
 from service.jobs.lifecycle import finish, renew_lease, take_lease
 from service.queueing import celery_client
 from service.settings import Settings
+from tests.worker.webhook_receiver import webhook_receiver
 from worker.reconciler import queue_depths, reconcile
 
 
@@ -81,3 +82,31 @@ def test_reconciler_requeues_dead_runs_and_resends_lost_messages(settings: Setti
     with session_scope(settings.database_url) as session:
         # A second pass finds nothing new: the re-sent messages are waiting in the queue.
         assert reconcile(session, settings) == []
+
+
+def test_jobs_the_reconciler_ends_post_their_webhook(settings: Settings):
+    past = utcnow() - dt.timedelta(seconds=5)
+    with webhook_receiver() as (url, received):
+        worn_out = new_job(
+            settings,
+            status="running",
+            lease_owner="dead",
+            lease_expires_at=past,
+            attempts=settings.max_attempts,
+            callback_url=url,
+        )
+        dead_cancel = new_job(
+            settings,
+            status="cancelling",
+            lease_owner="dead",
+            lease_expires_at=past,
+            callback_url=url,
+        )
+        with session_scope(settings.database_url) as session:
+            assert reconcile(session, settings) == []
+    outcomes = {d.payload["job_id"]: d.payload for d in received}
+    assert outcomes[worn_out]["status"] == "failed"
+    assert outcomes[worn_out]["error_code"] == "too_many_attempts"
+    assert outcomes[dead_cancel]["status"] == "cancelled"
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, worn_out).callback_status == "204"  # type: ignore[union-attr]

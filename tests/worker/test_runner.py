@@ -6,9 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,8 +21,8 @@ from service.jobs.service import create_finetune_job
 from service.settings import Settings
 from tests.e2e.live import png_bytes, wait_for
 from tests.factories import CLASS_STYLES
+from tests.worker.webhook_receiver import webhook_receiver
 from worker.runner import run_finetune_job
-from worker.webhook import SIGNATURE_HEADER
 
 PLAN = {"batch_size": 8, "total_steps": 8, "base_lr": 0.01, "precrop": 40, "crop": 32}
 
@@ -116,29 +114,13 @@ def test_a_live_lease_makes_a_duplicate_delivery_skip(sqlite_settings: Settings)
 
 
 def test_the_result_is_posted_signed(sqlite_settings: Settings):
-    received: list[tuple[bytes, str]] = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((body, self.headers[SIGNATURE_HEADER]))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     settings = sqlite_settings.model_copy(update={"webhook_secret": "s3cret"})
-    try:
-        job_id = make_job(settings, callback_url=f"http://127.0.0.1:{server.server_port}/hook")
+    with webhook_receiver() as (url, received):
+        job_id = make_job(settings, callback_url=url)
         assert run_finetune_job(settings, job_id, "w1") == "succeeded"
-    finally:
-        server.shutdown()
-    body, signature = received[0]
-    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(signature, expected)
-    payload = json.loads(body)
+    delivery = received[0]
+    expected = "sha256=" + hmac.new(b"s3cret", delivery.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(delivery.signature, expected)
+    payload = delivery.payload
     assert payload["job_id"] == job_id and payload["status"] == "succeeded" and payload["model_id"]
     assert job_row(settings, job_id).callback_status == "204"
