@@ -40,8 +40,14 @@ unit: install
 
 test: lint typecheck unit
 
+# Speed, side by side (each script ~5-10 min on 2 CPU cores; each replaces its own section
+# of BENCHMARKS.md). The new scripts raise their own priority (nice -5) where permitted.
 bench: install
 	$(BIN)/python benchmarks/engine_speed.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/data_pipeline.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/predict_speed.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/service_speed.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/job_walltime.py --out BENCHMARKS.md
 
 # timm's BiT loader is an independent reading of the official .npz files; the parity test
 # needs it, and timm needs torchvision, which PyPI only builds against other torch

@@ -1,0 +1,432 @@
+"""Prediction through the service: a live API, an async HTTP load, beside the model alone.
+
+Two uvicorn API processes are started the way tests/e2e/live.py starts one (embedded
+default, configured only through the environment, each in its own temporary BIT_HOME):
+one with dynamic batching on (the default), one with it off. An R50x1 with random
+weights is saved with `bit_core.checkpoint.save_model` and registered in each database
+the way the worker registers a trained model. An httpx.AsyncClient in this process then
+sends one-image multipart predicts at concurrency 1, 8 and 64 (bounded request counts,
+127.0.0.1 only), and in the same rounds the very same model directory is timed alone
+(`Predictor.probabilities` on preprocessed batches of 1, 8, 32, 64). Rounds are
+interleaved and rotated, as in engine_speed.py.
+
+Ratios reported against the issue's targets:
+* service images/s at c=64 (batching on) ÷ model-only images/s at batch 64 (≥ 70%);
+* service overhead on one predict at c=1: (service p50 − model-only batch-1 median) ÷
+  model-only batch-1 median (≤ 15%).
+
+Usage:
+    python benchmarks/service_speed.py                      # ~5 min on 2 CPU cores
+    python benchmarks/service_speed.py --quick              # one round, fewer requests
+    python benchmarks/service_speed.py --out BENCHMARKS.md
+    python benchmarks/service_speed.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import re
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from common import (
+    RoundPolicy,
+    RunInfo,
+    _num,
+    log,
+    percentile,
+    pick_device,
+    process_cpu_s,
+    publish,
+    quiet_gate,
+    script_parser,
+    section_key,
+)
+from engine_speed import NUM_CLASSES, make_model
+from PIL import Image
+from predict_speed import measure_model
+
+from bit_core.checkpoint import ModelInfo, save_model
+from bit_core.predict import Predictor
+from service.db.models import Model
+from service.db.session import session_scope
+from service.settings import Settings
+from tests.e2e.live import LiveService
+from worker.runner import artifact_store
+
+TAG = "service_speed"
+CONCURRENCY = (1, 8, 32, 64)  # 32: the batcher's default max batch
+MODEL_BATCHES = (1, 8, 32, 64)
+MODEL_KEY = "models/bench"
+TENANT = "e2e"  # the tenant of the key LiveService creates
+TARGET_THROUGHPUT = 0.70
+TARGET_OVERHEAD = 0.15
+
+
+# --- the service under test -------------------------------------------------------------------
+
+
+def register_model(home: Path, model: torch.nn.Module, crop: int) -> int:
+    """Save `model` to the artifact store under `home` and add its row, as the worker does
+    after a fine-tuning run; returns the model id."""
+    settings = Settings(home=home)
+    store = artifact_store(settings)
+    classes = [f"class{index}" for index in range(NUM_CLASSES)]
+    info = save_model(
+        store.local_dir(MODEL_KEY),
+        model,  # type: ignore[arg-type]
+        ModelInfo(arch="R50x1", classes=classes, crop=crop, base_model="random weights"),
+    )
+    weights = store.local_dir(MODEL_KEY) / "weights.safetensors"
+    with session_scope(settings.database_url) as session:
+        row = Model(
+            tenant=TENANT, name="bench", arch=info.arch, classes=info.classes, crop=crop,
+            base_model=info.base_model, plan={}, metrics={}, uri=MODEL_KEY,
+            sha256=info.sha256, size_bytes=weights.stat().st_size,
+        )  # fmt: skip
+        session.add(row)
+        session.flush()
+        return int(row.id)
+
+
+@dataclass
+class Api:
+    """One live API process and the model registered in it."""
+
+    name: str
+    service: LiveService
+    model_id: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.service.api.pid if self.service.api is not None else 0
+
+
+def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module, crop: int) -> Api:
+    home = root / name
+    service = LiveService(home, {"BIT_HOME": str(home), **env}).start()
+    api = Api(name, service)
+    api.model_id = register_model(home, model, crop)
+    return api
+
+
+def test_image(seed: int = 0, size: tuple[int, int] = (320, 240)) -> bytes:
+    """A JPEG of smooth colour blobs with noise (decodes like a small photo)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    coarse = rng.integers(0, 256, (height // 40 + 1, width // 40 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, 10, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+# --- the load generator -----------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """One burst of `requests` predicts with `concurrency` in flight."""
+
+    latencies: list[float]
+    server_ms: list[float]  # the answer's own `time_ms` (inside the route)
+    errors: list[str]  # non-200 answers: status and when
+    wall_s: float
+    client_cores: float  # this process's CPU (HTTP client) / wall
+    server_cores: float
+    batches: tuple[float, float]  # forwards run, images in them (from /metrics)
+
+
+_METRIC = re.compile(r"^bit_predict_batch_size_(sum|count) ([0-9.e+]+)$", re.M)
+
+
+def _batch_counters(client: httpx.Client) -> tuple[float, float]:
+    try:
+        text = client.get("/metrics").text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    found = dict(_METRIC.findall(text))
+    return float(found.get("count", 0)), float(found.get("sum", 0))
+
+
+async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
+    service = api.service
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    todo = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {service.key}"}
+    async with httpx.AsyncClient(
+        base_url=service.url, headers=headers, timeout=300, limits=limits
+    ) as client:
+
+        async def one_client() -> None:
+            for _ in todo:  # shared: `requests` predicts in all
+                began = time.perf_counter()
+                try:
+                    answer = await client.post(
+                        "/v1/predict",
+                        files=[("files", ("image.jpg", image, "image/jpeg"))],
+                        data={"model_id": str(api.model_id), "top_k": "1"},
+                    )
+                except httpx.TransportError as exc:  # e.g. the server dropped the connection
+                    errors.append(f"{type(exc).__name__} after {time.perf_counter() - began:.0f} s")
+                    continue
+                if answer.status_code != 200:  # counted and reported, not timed
+                    errors.append(f"{answer.status_code} after {time.perf_counter() - began:.0f} s")
+                    continue
+                latencies.append(time.perf_counter() - began)
+                server_ms.append(float(answer.json()["time_ms"]))
+
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        server0, began = process_cpu_s(api.pid), time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        wall = time.perf_counter() - began
+        own_after = resource.getrusage(resource.RUSAGE_SELF)
+        server = process_cpu_s(api.pid) - server0
+    client_s = own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime
+    return Load(latencies, server_ms, errors, wall, client_s / wall, server / wall, (0.0, 0.0))
+
+
+def burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
+    with api.service.client() as client:
+        before = _batch_counters(client)
+        load = asyncio.run(_burst(api, image, concurrency, requests))
+        after = _batch_counters(client)
+    load.batches = (after[0] - before[0], after[1] - before[1])
+    return load
+
+
+@dataclass
+class ServiceResult:
+    """All kept bursts of one (API, concurrency)."""
+
+    loads: list[Load] = field(default_factory=list)
+
+    @property
+    def latencies(self) -> list[float]:
+        return [t for load in self.loads for t in load.latencies]
+
+    def p_ms(self, q: float) -> float | None:
+        return 1000 * percentile(self.latencies, q) if self.latencies else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Median over rounds of answered requests / wall time (one image per request)."""
+        rates = [len(load.latencies) / load.wall_s for load in self.loads]
+        return statistics.median(rates) if rates else None
+
+    @property
+    def mean_batch(self) -> float | None:
+        forwards = sum(load.batches[0] for load in self.loads)
+        return sum(load.batches[1] for load in self.loads) / forwards if forwards else None
+
+    @property
+    def server_ms(self) -> float | None:
+        values = [t for load in self.loads for t in load.server_ms]
+        return statistics.median(values) if values else None
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for load in self.loads for e in load.errors]
+
+    def cores(self) -> tuple[float, float]:
+        return (
+            statistics.mean(load.client_cores for load in self.loads),
+            statistics.mean(load.server_cores for load in self.loads),
+        )
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    return "—" if not value or not reference else f"{value / reference:.0%}"
+
+
+def report(
+    results: dict[tuple[str, int], ServiceResult], model: dict[int, tuple[float, float]]
+) -> tuple[str, str]:
+    """(the table, the target lines)."""
+    lines = [
+        "| path | concurrency / batch | p50 ms | p99 ms | images/s | mean forward batch "
+        "| server time_ms p50 | client / server cores | images/s ÷ model-only at that batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    failures: list[str] = []
+    for size in MODEL_BATCHES:
+        median_ms, rate = model.get(size, (None, None))
+        lines.append(
+            f"| model only: Predictor.probabilities | batch {size} | {_num(median_ms)} | — "
+            f"| {_num(rate, 2)} | {size} | — | — | 100% |"
+        )
+    for (name, concurrency), result in results.items():
+        client, server = result.cores()
+        reference = model.get(concurrency, (None, None))[1]
+        lines.append(
+            f"| service, dynamic batching {name} | c={concurrency} "
+            f"({len(result.latencies)} requests) | {_num(result.p_ms(50))} "
+            f"| {_num(result.p_ms(99))} | {_num(result.images_per_s, 2)} "
+            f"| {_num(result.mean_batch)} | {_num(result.server_ms)} "
+            f"| {client:.2f} / {server:.2f} | {_ratio(result.images_per_s, reference)} |"
+        )
+        if result.errors:
+            failures.append(
+                f"- batching {name}, c={concurrency}: {len(result.errors)} of "
+                f"{len(result.errors) + len(result.latencies)} requests failed "
+                f"({', '.join(sorted(set(result.errors))[:4])}); images/s counts answered "
+                "requests only."
+            )
+    on64 = results.get(("on", 64))
+    on1, off1 = results.get(("on", 1)), results.get(("off", 1))
+    b64, b1 = model.get(64, (None, None))[1], model.get(1, (None, None))[0]
+    targets = []
+    if on64 is not None and on64.images_per_s and b64:
+        share = on64.images_per_s / b64
+        met = "met" if share >= TARGET_THROUGHPUT else "NOT met"
+        targets.append(
+            f"- Throughput at c=64, batching on: {on64.images_per_s:.2f} images/s = "
+            f"{share:.0%} of model-only batch 64 ({b64:.2f} images/s); target ≥ "
+            f"{TARGET_THROUGHPUT:.0%}: **{met}**."
+        )
+    for name, result in (("on", on1), ("off", off1)):
+        p50 = result.p_ms(50) if result is not None else None
+        if p50 is None or not b1:
+            continue
+        overhead = (p50 - b1) / b1
+        met = "met" if overhead <= TARGET_OVERHEAD else "NOT met"
+        targets.append(
+            f"- Overhead on one predict at c=1, batching {name}: p50 {p50:.1f} ms vs "
+            f"model-only batch 1 {b1:.1f} ms → +{p50 - b1:.1f} ms = {overhead:.0%} of model "
+            f"time; target ≤ {TARGET_OVERHEAD:.0%}: **{met}**."
+        )
+    return "\n".join(lines), "\n".join(failures + targets)
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = script_parser(__doc__)
+    parser.add_argument("--crop", type=int, default=128, help="the model's input side (128)")
+    parser.add_argument("--quick", action="store_true", help="one round, fewer requests")
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser.parse_args(argv)
+
+
+def measure(
+    args: argparse.Namespace, device: torch.device, apis: list[Api], image: bytes, rounds: int
+) -> tuple[dict[tuple[str, int], ServiceResult], dict[int, tuple[float, float]], str]:
+    """Interleaved rounds: the model alone, then every (API, concurrency), order rotated.
+    Returns the service results, model-only (median ms, images/s) by batch, the load note."""
+    requests = {1: 10, 8: 32, 32: 64, 64: 64} if args.quick else {1: 40, 8: 96, 32: 160, 64: 192}
+    if device.type == "cuda":
+        requests = {c: 4 * n for c, n in requests.items()}
+    for api in apis:  # loads the model, sees every batch shape once
+        log(f"warm-up: batching {api.name}")
+        for concurrency in CONCURRENCY:
+            burst(api, image, concurrency, max(4, concurrency))
+    # The model alone: the very files the API serves.
+    directory = Settings(home=apis[0].service.home).artifacts_url + "/" + MODEL_KEY
+    predictor = Predictor.load(directory, device=str(device))
+
+    def service_round(index: int) -> dict[tuple[str, int], Load]:
+        configs = [(api, c) for c in CONCURRENCY for api in apis]
+        shift = index % len(configs)
+        loads = {}
+        for api, concurrency in configs[shift:] + configs[:shift]:
+            log(f"  batching {api.name}, c={concurrency}: {requests[concurrency]} requests")
+            loads[api.name, concurrency] = burst(api, image, concurrency, requests[concurrency])
+        return loads
+
+    gate = quiet_gate("service", args.max_others, args.block_waits, 30.0)
+    policy = RoundPolicy(
+        args.max_others, args.max_redo, exclude=lambda: sum(process_cpu_s(a.pid) for a in apis)
+    )
+    runs = {1: 10, 8: 3, 32: 1, 64: 1} if device.type == "cpu" else {1: 20, 8: 10, 32: 5, 64: 5}
+    timings = measure_model(
+        {"fast": predictor.probabilities}, args.crop, runs, rounds, policy, extra=service_round
+    )
+    results = {(api.name, c): ServiceResult() for c in CONCURRENCY for api in apis}
+    for loads in timings.extras:
+        for config, load in loads.items():
+            results[config].loads.append(load)
+    model = {
+        size: (timings.median_ms("fast", size) or 0.0, timings.images_per_s("fast", size) or 0.0)
+        for size in runs
+    }
+    return results, model, policy.note("all rounds", gate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if device is None:
+        return 0
+    rounds = 1 if args.quick else args.rounds
+    run = RunInfo.start(device, args)
+    root = Path(tempfile.mkdtemp(prefix="service_speed_"))
+    env = {"BIT_DEVICE": device.type}
+    model = make_model("R50x1")
+    image = test_image()
+    apis: list[Api] = []
+    try:
+        log("starting the API processes (batching on, off)")
+        apis = [
+            start_api("on", root, env, model, args.crop),
+            start_api("off", root, {**env, "BIT_DYNAMIC_BATCHING": "false"}, model, args.crop),
+        ]
+        results, model_figures, load_note = measure(args, device, apis, image, rounds)
+    except BaseException:
+        for api in apis:
+            print(api.service.logs(), file=sys.stderr)
+        raise
+    finally:
+        for api in apis:
+            api.service.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    table, targets = report(results, model_figures)
+    defaults = Settings()
+    body = "\n".join(
+        [
+            run.header(
+                "Prediction through the service · R50x1", args, [load_note],
+                threads="API processes: torch's default threads; client in the benchmark process",
+            ),
+            "- Two API processes (uvicorn, embedded SQLite, `BIT_DYNAMIC_BATCHING` on / off, "
+            f"`BIT_BATCH_MAX_SIZE` {defaults.batch_max_size}, `BIT_BATCH_MAX_WAIT_MS` "
+            f"{defaults.batch_max_wait_ms:g}), one R50x1 with random weights at {args.crop} px "
+            f"registered in each. Requests: multipart, one {len(image) // 1024} KB 320×240 "
+            "JPEG each, top_k 1, from an httpx.AsyncClient in the benchmark process (it shares "
+            "the cores: its CPU use is the 'client' column). Model-only rows time the same "
+            "model directory on preprocessed batches, in the same rounds. Rounds rotated; "
+            f"{rounds} kept round(s); latency percentiles over all kept requests.",
+            "",
+            table,
+            "",
+            targets,
+        ]
+    )  # fmt: skip
+    return publish(
+        body,
+        args.out,
+        TAG,
+        section_key(device, f"crop-{args.crop}", "quick" if args.quick else "full"),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
