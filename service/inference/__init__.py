@@ -23,19 +23,53 @@ from bit_core.predict import Prediction, Predictor
 from service.db.artifacts import ArtifactStore
 from service.deps import get_store
 from service.errors import ApiError
-from service.inference.batcher import Batcher
+from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store
 from service.settings import Settings
 
 __all__ = [
+    "CPU_FORWARD_PIXELS",
     "Batcher",
     "Inference",
     "InferenceDep",
     "ModelCache",
     "ModelRef",
+    "batched_forward",
+    "forward_rows",
     "get_inference",
     "install",
 ]
+
+
+# On a CPU a forward over many rows is slower per image than several over a few: past a
+# few rows the activations (tens of MB per layer for R50x1 at 128 px and batch 64) no
+# longer fit in the caches. benchmarks/predict_speed.py, R50x1 on 2 cores: 62 images/s at
+# batch 8 but 34 at 64 and 28 at 256 (128 px); at 480 px batch 1 beats batch 8. So on a CPU
+# a batch is run as forwards of at most this many pixels (8 rows at 128 px, 1 from 384 px):
+# predicts of 32 images at 128 px went from 33 to 48 images/s (same run, interleaved).
+# A GPU wants whole batches: no limit there.
+CPU_FORWARD_PIXELS = 8 * 128 * 128
+
+
+def forward_rows(predictor: Predictor) -> int | None:
+    """Most rows per forward call for this predictor; None: the whole batch at once."""
+    if predictor.device.type != "cpu":
+        return None
+    return max(1, CPU_FORWARD_PIXELS // (predictor.crop * predictor.crop))
+
+
+def batched_forward(predictor: Predictor) -> Forward:
+    """`predictor.probabilities`, in slices of `forward_rows` rows on a CPU."""
+    rows = forward_rows(predictor)
+    if rows is None:
+        return predictor.probabilities
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        if len(batch) <= rows:
+            return predictor.probabilities(batch)
+        return torch.cat([predictor.probabilities(part) for part in batch.split(rows)])
+
+    return forward
 
 
 def _image_error(exc: ImageDecodeError) -> ApiError:
@@ -82,6 +116,7 @@ class Inference:
         large request overlaps with its first forwards.
         """
         predictor = await self.predictor(ref)
+        forward = batched_forward(predictor)
         loop = asyncio.get_running_loop()
         step = self.batcher.max_batch_size
 
@@ -92,7 +127,7 @@ class Inference:
             rows = await loop.run_in_executor(
                 self._decode, predictor.preprocess, chunk_sources, chunk_names
             )
-            return await self.batcher.run(ref.id, predictor.probabilities, rows)
+            return await self.batcher.run(ref.id, forward, rows)
 
         results = await asyncio.gather(
             *(chunk(start) for start in range(0, len(sources), step)), return_exceptions=True
