@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     run = RunInfo.start(device, args)
     root = Path(tempfile.mkdtemp(prefix="service_speed_"))
-    env = {"BIT_DEVICE": device.type}
+    # Raw capacity: the per-key rate limit (600 a minute by default) would cap the load.
+    env = {"BIT_DEVICE": device.type, "BIT_RATE_LIMIT_PER_MINUTE": "0"}
     model = make_model("R50x1")
     image = test_image()
     apis: list[Api] = []
@@ -406,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 "Prediction through the service · R50x1", args, [load_note],
                 threads="API processes: torch's default threads; client in the benchmark process",
             ),
-            "- Two API processes (uvicorn, embedded SQLite, `BIT_DYNAMIC_BATCHING` on / off, "
+            "- Two API processes (uvicorn, embedded SQLite, rate limit off, "
+            "`BIT_DYNAMIC_BATCHING` on / off, "
             f"`BIT_BATCH_MAX_SIZE` {defaults.batch_max_size}, `BIT_BATCH_MAX_WAIT_MS` "
             f"{defaults.batch_max_wait_ms:g}), one R50x1 with random weights at {args.crop} px "
             f"registered in each. Requests: multipart, one {len(image) // 1024} KB 320×240 "
