@@ -34,7 +34,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import signal
@@ -52,6 +51,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils.mkldnn
+from common import (
+    RoundPolicy,
+    _num,
+    cpu_model,
+    log,
+    quiet_gate,
+    wait_for_quiet,
+    write_section,
+)
 from torch import nn
 
 from bit_core import create_model
@@ -64,13 +72,6 @@ LR = 0.003  # BiT-HyperRule base lr (the value does not change the speed)
 SEED = 0
 SLOW_FACTOR = 4.0  # warm-up slower than this x official: one timed iteration, skip larger px
 TIMM_NAMES = {"R50x1": "resnetv2_50x1_bit"}
-SECTION_BEGIN = "<!-- engine_speed:begin {key} -->"
-SECTION_END = "<!-- engine_speed:end {key} -->"
-FILE_HEADER = """# Engine speed
-
-Figures written by `benchmarks/engine_speed.py`. Each run replaces only its own section
-(keyed by device, torch version and options); text outside the sections is kept.
-"""
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def counts_for(device: torch.device, resolution: int, quick: bool) -> Counts:
         return Counts(
             micro=4,
             accum=2,
-            train_rounds=1 if quick else 2,
+            train_rounds=1 if quick else 3,
             train_steps=1,
             warmup_b1=2,
             warmup_b8=1,
@@ -121,7 +122,7 @@ def counts_for(device: torch.device, resolution: int, quick: bool) -> Counts:
     return Counts(
         micro=16,
         accum=2,
-        train_rounds=1 if quick else 3,
+        train_rounds=1 if quick else 4,
         train_steps=1,
         warmup_b1=2,
         warmup_b8=1,
@@ -175,7 +176,7 @@ def inference_rows(device: torch.device) -> list[Row]:
         Row("fast_bf16", "Predictor + bf16 autocast"),
         Row("fast_mkldnn", "Predictor + oneDNN prepacked convs"),
         Row("fast_jit", "Predictor + TorchScript freeze/optimize"),
-        Row("fast_compile", "Predictor + torch.compile", isolated=True),
+        Row("fast_compile", "Predictor + torch.compile (inductor freezing)", isolated=True),
         Row("timm", "timm resnetv2_50x1_bit, eval + no_grad"),
     ]
 
@@ -269,7 +270,7 @@ class OfficialTrainer:
                     part = slice(index * self.micro, (index + 1) * self.micro)
                     logits = self.model(self.images[part])
                     loss = self.criterion(logits, self.labels[part])
-                    float(loss)
+                    float(loss.detach())  # c_num = float(c.data.cpu().numpy())
                     (loss / accum).backward()
                 for group in self.optimizer.param_groups:
                     group["lr"] = LR
@@ -336,17 +337,13 @@ class LoopTrainer:
         self.images = images.contiguous(memory_format=self.memory_format)
         self.targets = F.one_hot(make_labels(batch), NUM_CLASSES).float().to(device)
 
-    def run(
-        self,
-        steps: int,
-        *,
-        warmup: int = 0,
-        stop: Callable[[list[float]], bool] | None = None,
-    ) -> list[float]:
+    def run(self, steps: int, *, warmup: int = 0) -> list[float]:
         """Per-step seconds over one `train_loop` call; its first `warmup` steps are one
-        micro-batch (the micro-batch shape is the same, so a compiled graph is reused).
+        micro-batch (the same micro-batch shape: a compiled graph is reused).
 
-        `stop(durations)` is polled between steps (train_loop's cooperative cancel)."""
+        Each call builds a new optimizer (momentum buffers are allocated on its first step,
+        ~1% of a 128 px step) and, with `compile`, a new torch.compile wrapper, which reuses
+        the code compiled by the first call."""
         stamps: list[float] = []
 
         def batches(todo: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -360,9 +357,6 @@ class LoopTrainer:
             synchronize(self.device)
             stamps.append(time.perf_counter())
 
-        def should_stop() -> bool:
-            return stop is not None and len(stamps) > 1 and stop(durations_of(stamps))
-
         train_loop(
             self.model,
             _Schedule(steps),
@@ -370,7 +364,6 @@ class LoopTrainer:
             soft_cross_entropy,
             self.config,
             on_progress=on_progress,
-            should_stop=should_stop,
         )
         return durations_of(stamps)
 
@@ -472,6 +465,12 @@ def build_infer(key: str, arch: str, device: torch.device, res: int) -> Infer:
     if key == "fast_jit":
         return _jit_infer(_predictor(arch, device, res))
     if key == "fast_compile":
+        if device.type == "cpu":
+            # Inductor's CPU inference setting: weights become constants, convs are
+            # prepacked for oneDNN and fused with their pointwise neighbours.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
         predictor = _predictor(arch, device, res)
         predictor.model = torch.compile(predictor.model, dynamic=False)  # type: ignore[assignment]
         return predictor.probabilities
@@ -502,10 +501,12 @@ class TrainResult:
     round_rates: list[float] = field(default_factory=list)
     warmup_s: float = 0.0
     note: str = ""
+    fast_ref: float | None = None  # images/s of eager `fast`, same child process (isolated)
 
     @property
     def images_per_s(self) -> float | None:
-        return self.images / self.seconds if self.seconds > 0 else None
+        """Median over rounds: robust to a burst of load from another process."""
+        return statistics.median(self.round_rates) if self.round_rates else None
 
 
 @dataclass
@@ -518,6 +519,7 @@ class InferResult:
     max_dp: float | None = None  # max |probability difference| vs official, batch 8
     warmup_b1_s: float = 0.0
     note: str = ""
+    fast_ref: InferResult | None = None  # eager `fast`, same child process (isolated rows)
 
     @property
     def b1_median_ms(self) -> float | None:
@@ -533,47 +535,11 @@ class InferResult:
 
     @property
     def b8_images_per_s(self) -> float | None:
-        return 8 * len(self.b8) / sum(self.b8) if self.b8 else None
-
-
-# --- CPU accounting: how much did other processes run while we measured? --------------------
-
-
-def _busy_jiffies() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return float(user + nice + system + irq + softirq + steal)
-
-
-def _own_cpu_s() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-class CpuWatch:
-    """Average number of cores used by *other* processes between start and stop."""
-
-    def __init__(self) -> None:
-        self.busy0, self.own0, self.t0 = _busy_jiffies(), _own_cpu_s(), time.perf_counter()
-
-    def others_cores(self) -> float | None:
-        busy = _busy_jiffies()
-        if busy is None or self.busy0 is None:
-            return None
-        wall = time.perf_counter() - self.t0
-        total_s = (busy - self.busy0) / os.sysconf("SC_CLK_TCK")
-        return max(0.0, (total_s - (_own_cpu_s() - self.own0)) / wall) if wall > 0 else None
+        """8 / median batch-8 latency."""
+        return 8 / statistics.median(self.b8) if self.b8 else None
 
 
 # --- measuring ------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def measure_training_eager(
@@ -583,6 +549,7 @@ def measure_training_eager(
     res: int,
     counts: Counts,
     slow: dict[str, str],
+    policy: RoundPolicy,
 ) -> list[TrainResult]:
     """Warm every row up with one micro-batch, then interleave timed rounds."""
     results: dict[str, TrainResult] = {}
@@ -600,36 +567,44 @@ def measure_training_eager(
             trainers[row.key] = trainer
         except Exception as error:  # report and go on with the other rows
             result.note = f"error: {type(error).__name__}: {error}"[:160]
-    reference = results["official"].warmup_s if "official" in trainers else 0.0
+    # Against the fastest warm-up (the first row's also pays for process start-up).
+    reference = min((results[key].warmup_s for key in trainers), default=0.0)
     slow_now = {
         key
         for key in trainers
         if key != "official" and reference > 0 and results[key].warmup_s > SLOW_FACTOR * reference
     }
     for key in slow_now:
-        factor = results[key].warmup_s / reference
-        # One step of a single micro-batch is enough to time a path this much slower.
-        log(f"train {res}px {key}: {factor:.0f}x slower than official in warm-up; one step")
+        # One step of a single micro-batch is enough to time a path this much slower; it
+        # also confirms the warm-up (a burst of load elsewhere can slow any one call).
+        log(f"train {res}px {key}: slow warm-up; one more micro-batch")
+        (seconds,) = trainers[key].run(1, warmup=1)
+        factor = min(seconds, results[key].warmup_s) / reference
+        if factor <= SLOW_FACTOR:
+            continue
         trainer = trainers.pop(key)
-        (seconds,) = trainer.run(1, warmup=1)
         result = results[key]
         result.images, result.seconds, result.accum = trainer.images_per_step(True), seconds, 1
         result.round_rates = [result.images / seconds]
-        result.note = f"{factor:.0f}x slower than official in warm-up: 1 micro-batch timed"
-        slow[key] = f"skipped: {factor:.0f}x slower than official at {res} px"
+        result.note = f"{factor:.0f}x slower than the fastest warm-up: 1 micro-batch timed"
+        slow[key] = f"skipped: {factor:.0f}x slower at {res} px"
     order = list(trainers)
-    for round_index in range(counts.train_rounds):
+
+    def one_round(round_index: int) -> dict[str, tuple[int, float]]:
+        log(f"train {res}px: round {round_index + 1}")
         shift = round_index % max(1, len(order))
+        data = {}
         for key in order[shift:] + order[:shift]:
-            trainer = trainers[key]
-            log(f"train {res}px {key}: round {round_index + 1}/{counts.train_rounds}")
-            seconds = sum(trainer.run(counts.train_steps))
-            images = trainer.images_per_step() * counts.train_steps
+            seconds = sum(trainers[key].run(counts.train_steps))
+            data[key] = (trainers[key].images_per_step() * counts.train_steps, seconds)
+        return data
+
+    for data in policy.run(counts.train_rounds, one_round):
+        for key, (images, seconds) in data.items():
             result = results[key]
             result.images += images
             result.seconds += seconds
             result.round_rates.append(images / seconds)
-    del trainers
     return [results[row.key] for row in rows]
 
 
@@ -640,6 +615,7 @@ def measure_inference_eager(
     res: int,
     counts: Counts,
     slow: dict[str, str],
+    policy: RoundPolicy,
 ) -> list[InferResult]:
     results: dict[str, InferResult] = {}
     infers: dict[str, Infer] = {}
@@ -655,21 +631,24 @@ def measure_inference_eager(
             infer = build_infer(row.key, arch, device, res)
             log(f"infer {res}px {row.key}: warm-up")
             durations, _ = timed(infer, one, counts.warmup_b1)
-            result.warmup_b1_s = durations[-1]
+            result.warmup_b1_s = min(durations)
             infers[row.key] = infer
         except Exception as error:
             result.note = f"error: {type(error).__name__}: {error}"[:160]
-    official_warm = results["official"].warmup_b1_s if "official" in infers else 0.0
+    fastest_warm = min((results[key].warmup_b1_s for key in infers), default=0.0)
     for key in list(infers):
-        factor = results[key].warmup_b1_s / official_warm if official_warm > 0 else 0.0
+        factor = results[key].warmup_b1_s / fastest_warm if fastest_warm > 0 else 0.0
         result = results[key]
         if key != "official" and factor > SLOW_FACTOR:
-            log(f"infer {res}px {key}: {factor:.0f}x slower than official in warm-up; few runs")
+            log(f"infer {res}px {key}: slow warm-up; two more batch-1 runs")
+            b1, _ = timed(infers[key], one, 2)
+            factor = min(result.warmup_b1_s, *b1) / fastest_warm
+        if key != "official" and factor > SLOW_FACTOR:
             infer = infers.pop(key)
-            result.b1, _ = timed(infer, one, 3)
+            result.b1 = b1
             result.b8, out = timed(infer, eight, 1)
-            result.note = f"{factor:.0f}x slower than official in warm-up: 3 + 1 runs"
-            slow[key] = f"skipped: {factor:.0f}x slower than official at {res} px"
+            result.note = f"{factor:.0f}x slower than the fastest warm-up: 2 + 1 runs"
+            slow[key] = f"skipped: {factor:.0f}x slower at {res} px"
             result.max_dp = _parity(out, reference)
             continue
         _, out = timed(infers[key], eight, counts.warmup_b8)
@@ -678,12 +657,19 @@ def measure_inference_eager(
         # timm initialises its own random weights: its outputs are not comparable.
         result.max_dp = None if key == "timm" else _parity(out, reference)
     order = list(infers)
-    for round_index in range(counts.infer_rounds):
-        log(f"infer {res}px: round {round_index + 1}/{counts.infer_rounds}")
+
+    def one_round(round_index: int) -> dict[str, tuple[list[float], list[float]]]:
+        log(f"infer {res}px: round {round_index + 1}")
         shift = round_index % max(1, len(order))
+        data = {}
         for key in order[shift:] + order[:shift]:
             b1, _ = timed(infers[key], one, counts.b1_runs)
             b8, _ = timed(infers[key], eight, counts.b8_runs)
+            data[key] = (b1, b8)
+        return data
+
+    for data in policy.run(counts.infer_rounds, one_round):
+        for key, (b1, b8) in data.items():
             results[key].b1 += b1
             results[key].b8 += b8
     return [results[row.key] for row in rows]
@@ -699,38 +685,66 @@ def _parity(out: torch.Tensor, reference: torch.Tensor | None) -> float | None:
 
 
 def worker_main(spec: dict[str, Any]) -> None:
-    """Child-process side: measure one isolated row, print `RESULT <json>`."""
+    """Child-process side: measure one isolated row and, interleaved with it round by round,
+    the eager `fast` row as a same-window reference; print `RESULT <json>`."""
     device = torch.device(spec["device"])
     res, arch, limit = spec["res"], spec["arch"], spec["compile_limit"]
     counts = Counts(**spec["counts"])
+    policy = RoundPolicy(spec["max_others"], spec["max_redo"])
     out: dict[str, Any] = {}
     if spec["task"] == "train":
         trainer = build_trainer(spec["row"], arch, device, counts, res)
-        assert isinstance(trainer, LoopTrainer)
-        # One train_loop call (one torch.compile wrapper): step 0, a single micro-batch,
-        # compiles forward and backward; it is stopped there if that took over the limit.
-        steps = 1 + counts.train_rounds * counts.train_steps
-        durations = trainer.run(steps, warmup=1, stop=lambda done: done[0] > limit)
-        out["compile_s"] = durations[0]
-        if len(durations) > 1:
-            timed_steps = durations[1:]
-            out["images"] = trainer.images_per_step() * len(timed_steps)
-            out["seconds"] = sum(timed_steps)
-            out["round_rates"] = [trainer.images_per_step() / d for d in timed_steps]
+        (out["compile_s"],) = trainer.run(1, warmup=1)  # compiles forward and backward
+        if out["compile_s"] > limit:
+            print("RESULT " + json.dumps(out), flush=True)
+            return
+        eager = build_trainer("fast", arch, device, counts, res)
+        eager.run(1, warmup=1)
+
+        def train_round(round_index: int) -> dict[str, float]:
+            pair = [("row", trainer), ("fast", eager)]
+            rates = {}
+            for name, runner in pair if round_index % 2 == 0 else pair[::-1]:
+                seconds = sum(runner.run(counts.train_steps))
+                rates[name] = runner.images_per_step() * counts.train_steps / seconds
+            return rates
+
+        kept = policy.run(counts.train_rounds, train_round)
+        out["round_rates"] = [rates["row"] for rates in kept]
+        out["fast_images_per_s"] = statistics.median(rates["fast"] for rates in kept)
     else:
         infer = build_infer(spec["row"], arch, device, res)
         one, eight = make_images(1, res), make_images(8, res)
-        compile_b1, _ = timed(infer, one, 1)
-        out["compile_s"] = compile_b1[0]
-        if compile_b1[0] <= limit:
-            timed(infer, one, counts.warmup_b1)
-            out["b1"], _ = timed(infer, one, counts.infer_rounds * counts.b1_runs)
-            compile_b8, _ = timed(infer, eight, 1)
-            out["compile_b8_s"] = compile_b8[0]
-            _, probabilities = timed(infer, eight, counts.warmup_b8)
-            out["b8"], _ = timed(infer, eight, counts.infer_rounds * counts.b8_runs)
-            reference = official_infer(make_model(arch), device)(eight)
-            out["max_dp"] = _parity(probabilities, reference)
+        (out["compile_s"],), _ = timed(infer, one, 1)
+        if out["compile_s"] > limit:
+            print("RESULT " + json.dumps(out), flush=True)
+            return
+        (out["compile_b8_s"],), _ = timed(infer, eight, 1)
+        eager = build_infer("fast", arch, device, res)
+        for runner in (infer, eager):
+            timed(runner, one, counts.warmup_b1)
+            _, probabilities = timed(runner, eight, counts.warmup_b8)
+            if runner is infer:
+                reference = official_infer(make_model(arch), device)(eight)
+                out["max_dp"] = _parity(probabilities, reference)
+
+        def infer_round(round_index: int) -> dict[str, tuple[list[float], list[float]]]:
+            pair = [("row", infer), ("fast", eager)]
+            data = {}
+            for name, runner in pair if round_index % 2 == 0 else pair[::-1]:
+                data[name] = (
+                    timed(runner, one, counts.b1_runs)[0],
+                    timed(runner, eight, counts.b8_runs)[0],
+                )
+            return data
+
+        kept = policy.run(counts.infer_rounds, infer_round)
+        out["b1"] = [t for data in kept for t in data["row"][0]]
+        out["b8"] = [t for data in kept for t in data["row"][1]]
+        out["fast_b1"] = [t for data in kept for t in data["fast"][0]]
+        out["fast_b8"] = [t for data in kept for t in data["fast"][1]]
+    out["policy"] = policy.summary()
+    out["others"] = statistics.mean(policy.others) if policy.others else None
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -759,17 +773,24 @@ def run_isolated(spec: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any]
     return None, f"failed (exit {process.returncode}): {tail}"[:160]
 
 
+def _child_note(out: dict[str, Any]) -> str:
+    others = out.get("others")
+    note = "" if others is None else f"; others {others:.2f} cores"
+    return note + (f", {out['policy']}" if out.get("policy") else "")
+
+
 def measure_training_isolated(
     row: Row, arch: str, device: torch.device, res: int, counts: Counts, args: argparse.Namespace,
     official: TrainResult,
 ) -> TrainResult:  # fmt: skip
     result = TrainResult(row.key, row.label, res, counts.micro, counts.accum)
-    per_image = 1 / official.images_per_s if official.images_per_s else 1.0
-    steps = counts.train_rounds * counts.train_steps + 1
-    budget = args.compile_limit + 60 + 3 * per_image * counts.micro * (1 + counts.accum * steps)
+    per_micro = counts.micro / official.images_per_s if official.images_per_s else 10.0
+    micro_batches = 2 + 2 * counts.accum * counts.train_rounds * counts.train_steps
+    budget = args.compile_limit + 60 + 3 * per_micro * micro_batches
     spec = {
         "task": "train", "row": row.key, "arch": arch, "device": str(device), "res": res,
         "counts": asdict(counts), "compile_limit": args.compile_limit,
+        "max_others": args.max_others, "max_redo": args.max_redo,
     }  # fmt: skip
     log(f"train {res}px {row.key}: child process (limit {budget:.0f} s)")
     out, error = run_isolated(spec, budget)
@@ -777,13 +798,16 @@ def measure_training_isolated(
         result.note = f"compile limit {args.compile_limit:.0f} s: {error}"
         return result
     result.warmup_s = out["compile_s"]
-    if "seconds" not in out:
+    if "round_rates" not in out:
         result.note = f"too slow to compile: {out['compile_s']:.0f} s > {args.compile_limit:.0f} s"
         return result
-    result.images, result.seconds = out["images"], out["seconds"]
     result.round_rates = out["round_rates"]
+    result.images = len(result.round_rates)  # marks the row as measured
+    result.fast_ref = out["fast_images_per_s"]
     result.note = (
-        f"compile + 1st micro-batch {out['compile_s']:.0f} s (cold cache); not interleaved"
+        f"compile + 1st micro-batch {out['compile_s']:.0f} s (cold cache); child process: "
+        f"× fast against eager fast there ({result.fast_ref:.2f} images/s), × official chained"
+        + _child_note(out)
     )
     return result
 
@@ -795,12 +819,13 @@ def measure_inference_isolated(
     result = InferResult(row.key, row.label, res)
     b1_s = (official.b1_median_ms or 1000.0) / 1000
     b8_s = 8 / official.b8_images_per_s if official.b8_images_per_s else 8.0
-    runs_b1 = counts.warmup_b1 + counts.infer_rounds * counts.b1_runs
-    runs_b8 = 1 + counts.warmup_b8 + counts.infer_rounds * counts.b8_runs
+    runs_b1 = 2 * (counts.warmup_b1 + counts.infer_rounds * counts.b1_runs)
+    runs_b8 = 2 * (1 + counts.warmup_b8 + counts.infer_rounds * counts.b8_runs)
     budget = 2 * args.compile_limit + 60 + 3 * (runs_b1 * b1_s + runs_b8 * b8_s)
     spec = {
         "task": "infer", "row": row.key, "arch": arch, "device": str(device), "res": res,
         "counts": asdict(counts), "compile_limit": args.compile_limit,
+        "max_others": args.max_others, "max_redo": args.max_redo,
     }  # fmt: skip
     log(f"infer {res}px {row.key}: child process (limit {budget:.0f} s)")
     out, error = run_isolated(spec, budget)
@@ -811,58 +836,17 @@ def measure_inference_isolated(
         result.note = f"too slow to compile: {out['compile_s']:.0f} s > {args.compile_limit:.0f} s"
         return result
     result.b1, result.b8, result.max_dp = out["b1"], out["b8"], out["max_dp"]
+    result.fast_ref = InferResult("fast", "fast", res, out["fast_b1"], out["fast_b8"])
     result.note = (
         f"compile {out['compile_s']:.0f} s (batch 1) + {out['compile_b8_s']:.0f} s (batch 8), "
-        "cold cache; not interleaved"
+        f"cold cache; child process: × fast against eager fast there "
+        f"({_num(result.fast_ref.b1_median_ms)} ms, {_num(result.fast_ref.b8_images_per_s, 2)} "
+        "images/s), × official chained" + _child_note(out)
     )
     return result
 
 
-# --- load -------------------------------------------------------------------------------------
-
-
-def wait_for_quiet(max_load: float, retries: int, wait_s: float) -> tuple[float, int, bool]:
-    """Wait (bounded) until the 1-minute load average drops below `max_load`."""
-    load = os.getloadavg()[0]
-    for attempt in range(retries + 1):
-        load = os.getloadavg()[0]
-        if load < max_load:
-            return load, attempt, True
-        if attempt < retries:
-            log(f"1-min load average {load:.2f} >= {max_load}: waiting {wait_s:.0f} s")
-            time.sleep(wait_s)
-    return load, retries, False
-
-
-def quiet_gate(name: str, max_others: float, waits: int, wait_s: float) -> str:
-    """Before a block: sample other processes' CPU use for 3 s while we sleep; wait
-    (bounded) while it is above `max_others` cores. Returns a note for the report."""
-    others = None
-    for attempt in range(waits + 1):
-        watch = CpuWatch()
-        time.sleep(3.0)
-        others = watch.others_cores()
-        if others is None or others <= max_others:
-            return "" if attempt == 0 else f"waited {attempt} × {wait_s:.0f} s before it"
-        if attempt < waits:
-            log(f"{name}: other processes use {others:.1f} cores; waiting {wait_s:.0f} s")
-            time.sleep(wait_s)
-    return f"other processes still used {others:.1f} cores at its start"
-
-
 # --- report -----------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
@@ -878,6 +862,16 @@ def _speedup(value: float | None, reference: float | None) -> str:
     return f"{reference / value:.2f}×"
 
 
+def _chained(
+    value: float | None, same_window_fast: float | None, fast: float | None, official: float | None
+) -> float | None:
+    """An isolated row's value in units of the main run: row/fast measured side by side in
+    the child, times fast/official measured side by side in the main run."""
+    if value is None or not same_window_fast or fast is None or not official:
+        return None
+    return value / same_window_fast * fast / official
+
+
 def training_table(results: list[TrainResult]) -> str:
     lines = [
         "| px | path | micro × accum | images/s | rounds min–max | × official | × fast | notes |",
@@ -891,10 +885,15 @@ def training_table(results: list[TrainResult]) -> str:
             f"{min(r.round_rates):.1f}–{max(r.round_rates):.1f}" if len(r.round_rates) > 1 else "—"
         )
         batch = f"{r.micro} × {r.accum}" if r.images else "—"
+        vs_official = _ratio(r.images_per_s, official.images_per_s if official else None)
+        if r.fast_ref is not None and fast is not None and official is not None:
+            chained = _chained(r.images_per_s, r.fast_ref, fast.images_per_s, official.images_per_s)
+            vs_official = "—" if chained is None else f"{chained:.2f}×"
         lines.append(
             f"| {r.res} | {r.label} | {batch} | {_num(r.images_per_s, 2)} | {spread} "
-            f"| {_ratio(r.images_per_s, official.images_per_s if official else None)} "
-            f"| {_ratio(r.images_per_s, fast.images_per_s if fast else None)} | {r.note} |"
+            f"| {vs_official} "
+            f"| {_ratio(r.images_per_s, r.fast_ref or (fast.images_per_s if fast else None))} "
+            f"| {r.note} |"
         )
     return "\n".join(lines)
 
@@ -908,14 +907,33 @@ def inference_table(results: list[InferResult]) -> str:
     by = {(r.res, r.row): r for r in results}
     for r in results:
         official = by.get((r.res, "official"))
-        fast = by.get((r.res, "fast"))
+        fast = r.fast_ref or by.get((r.res, "fast"))
         dp = "—" if r.max_dp is None else f"{r.max_dp:.1e}"
+        b1_official = _speedup(r.b1_median_ms, official.b1_median_ms if official else None)
+        b8_official = _ratio(r.b8_images_per_s, official.b8_images_per_s if official else None)
+        main_fast = by.get((r.res, "fast"))
+        if r.fast_ref is not None and main_fast is not None and official is not None:
+            # latency: chain the speed-ups (reference / value)
+            b1 = _chained(
+                r.fast_ref.b1_median_ms,
+                r.b1_median_ms,
+                official.b1_median_ms,
+                main_fast.b1_median_ms,
+            )
+            b8 = _chained(
+                r.b8_images_per_s,
+                r.fast_ref.b8_images_per_s,
+                main_fast.b8_images_per_s,
+                official.b8_images_per_s,
+            )
+            b1_official = "—" if b1 is None else f"{b1:.2f}×"
+            b8_official = "—" if b8 is None else f"{b8:.2f}×"
         lines.append(
             f"| {r.res} | {r.label} | {_num(r.b1_median_ms)} | {_num(r.b1_p90_ms)} "
-            f"| {_speedup(r.b1_median_ms, official.b1_median_ms if official else None)} "
+            f"| {b1_official} "
             f"| {_speedup(r.b1_median_ms, fast.b1_median_ms if fast else None)} "
             f"| {_num(r.b8_images_per_s, 2)} "
-            f"| {_ratio(r.b8_images_per_s, official.b8_images_per_s if official else None)} "
+            f"| {b8_official} "
             f"| {_ratio(r.b8_images_per_s, fast.b8_images_per_s if fast else None)} "
             f"| {dp} | {r.note} |"
         )
@@ -934,18 +952,6 @@ def section_key(args: argparse.Namespace, device: torch.device) -> str:
     if args.compile_all:
         parts.append("compile-all")
     return " ".join(parts)
-
-
-def write_section(path: Path, key: str, body: str) -> None:
-    begin, end = SECTION_BEGIN.format(key=key), SECTION_END.format(key=key)
-    text = path.read_text() if path.exists() else FILE_HEADER
-    block = f"{begin}\n{body.strip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -985,6 +991,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each block, wait while other processes use more cores than this (0.5)",
     )
     parser.add_argument("--block-waits", type=int, default=2, help="30 s waits per block (2)")
+    parser.add_argument(
+        "--max-redo",
+        type=int,
+        default=3,
+        help="timed rounds disturbed by other processes (> --max-others cores) to re-run, "
+        "per block (3)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -1033,15 +1046,22 @@ def main(argv: list[str] | None = None) -> int:
     background: list[str] = []
     slow_train: dict[str, str] = {}
     slow_infer: dict[str, str] = {}
+
+    def block_note(name: str, gate: str, policy: RoundPolicy) -> str:
+        others = statistics.mean(policy.others) if policy.others else None
+        extra = ", ".join(part for part in (policy.summary(), gate) if part)
+        return f"{name}: {_num(others, 2)}" + (f" ({extra})" if extra else "")
+
     for res in resolutions:
         counts = counts_for(device, res, args.quick)
         if not args.skip_training:
             rows = [row for row in training_rows(device) if keep(row, res)]
             gate = quiet_gate(f"training {res} px", args.max_others, args.block_waits, 30.0)
-            watch = CpuWatch()
+            policy = RoundPolicy(args.max_others, args.max_redo)
             eager = measure_training_eager(
-                [r for r in rows if not r.isolated], args.arch, device, res, counts, slow_train
-            )
+                [r for r in rows if not r.isolated],
+                args.arch, device, res, counts, slow_train, policy,
+            )  # fmt: skip
             official = next(r for r in eager if r.row == "official")
             isolated = [
                 measure_training_isolated(row, args.arch, device, res, counts, args, official)
@@ -1049,17 +1069,15 @@ def main(argv: list[str] | None = None) -> int:
                 if row.isolated
             ]
             train_results += eager + isolated
-            background.append(
-                f"training {res} px: {_num(watch.others_cores(), 2)}"
-                + (f" ({gate})" if gate else "")
-            )
+            background.append(block_note(f"training {res} px", gate, policy))
         if not args.skip_inference:
             rows = [row for row in inference_rows(device) if keep(row, res)]
             gate = quiet_gate(f"inference {res} px", args.max_others, args.block_waits, 30.0)
-            watch = CpuWatch()
+            policy = RoundPolicy(args.max_others, args.max_redo)
             eager_inf = measure_inference_eager(
-                [r for r in rows if not r.isolated], args.arch, device, res, counts, slow_infer
-            )
+                [r for r in rows if not r.isolated],
+                args.arch, device, res, counts, slow_infer, policy,
+            )  # fmt: skip
             official_inf = next(r for r in eager_inf if r.row == "official")
             isolated_inf = [
                 measure_inference_isolated(row, args.arch, device, res, counts, args, official_inf)
@@ -1067,10 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
                 if row.isolated
             ]
             infer_results += eager_inf + isolated_inf
-            background.append(
-                f"inference {res} px: {_num(watch.others_cores(), 2)}"
-                + (f" ({gate})" if gate else "")
-            )
+            background.append(block_note(f"inference {res} px", gate, policy))
     elapsed = time.perf_counter() - began
 
     timm = timm_module()
@@ -1100,15 +1115,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{timm.__version__ if timm else 'not installed (timm row skipped)'}",
             f"- Date (UTC): {started:%Y-%m-%d %H:%M}; run took {elapsed / 60:.1f} min",
             f"- Command: `{command}`",
-            f"- Load: {load_line}. Other processes' CPU use while measuring (average cores): "
+            f"- Load: {load_line}. Other processes' CPU use during the kept timed rounds "
+            "(average cores; a round above "
+            f"{args.max_others} is re-run, at most {args.max_redo} per block): "
             + "; ".join(background),
             "- Random weights (seed 0), random images in [-1, 1]; "
             f"{NUM_CLASSES}-class head. Rows are interleaved round by round "
-            f"(order rotated); torch.compile rows run afterwards in a child process.{not_compiled}",
+            "(order rotated). torch.compile rows run afterwards in a child process (fresh "
+            "inductor cache), interleaved there with eager `fast`: their × fast is against "
+            "that, their × official is chained (row/fast there × fast/official here)."
+            f"{not_compiled}",
             "",
             "#### Training throughput (forward + loss + backward + SGD step)",
             "",
-            "images/s over the timed steps (warm-up excluded); a step = `micro × accum` images "
+            "images/s: median over the timed rounds (warm-up excluded) of one step of "
+            "`micro × accum` images "
             "(the optimizer step is amortized over `accum` micro-batches, not over 512).",
             "",
             training_table(train_results) if train_results else "(not measured)",
@@ -1124,7 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(body)
     if args.out:
-        write_section(args.out, section_key(args, device), body)
+        write_section(args.out, "engine_speed", section_key(args, device), body)
         log(f"wrote section '{section_key(args, device)}' in {args.out}")
     return 0
 
