@@ -64,6 +64,10 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
             "`bit admin create-key`)",
         )
     principal = authenticate(session, token)
+    # End the read transaction: it would hold a pooled connection for the rest of the
+    # request (an upload, a forward), and with more requests in flight than the pool has
+    # connections, they would all wait on each other. The next query takes one again.
+    session.commit()
     if principal is None:
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked")
     request.state.principal = principal

@@ -369,3 +369,26 @@ def test_a_corrupt_model_answers_model_corrupt(
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     status, code, message = error_of(predict_files(client, user_headers, model_id, uploads(1)))
     assert (status, code) == (500, "model_corrupt") and f"model {model_id}" in message
+
+
+def test_the_forward_runs_with_no_database_connection_held(
+    client: TestClient, settings: Settings, user_headers, template: Path
+):
+    """Requests in flight may outnumber the pool's connections: none may wait on a forward."""
+    from service.db.session import get_engine
+    from service.inference import Inference
+
+    model_id = register_model(settings, template)
+    pool = get_engine(settings.database_url).pool
+    held: list[int] = []
+    real_predict = Inference.predict
+
+    async def predict_and_count(self: Inference, *args, **kwargs):  # type: ignore[no-untyped-def]
+        held.append(pool.checkedout())  # type: ignore[attr-defined]
+        return await real_predict(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Inference, "predict", predict_and_count)
+        response = predict_files(client, user_headers, model_id, uploads(2))
+    assert response.status_code == 200, response.text
+    assert held == [0]

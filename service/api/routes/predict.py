@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.db.models import MAX_ID
+from service.db.models import MAX_ID, Model
 from service.deps import AUTH_RESPONSES, CurrentUser, SessionDep, SettingsDep
 from service.errors import ApiError
 from service.inference import InferenceDep
@@ -173,10 +173,14 @@ async def predict(
             f"content type {media_type or 'none'!r} is not accepted; send multipart/form-data "
             "(model_id, files, top_k) or application/json (model_id, images as base64, top_k)",
         )
+
+    def lookup() -> Model:
+        model = service.model_for_prediction(session, principal=principal, model_id=inputs.model_id)
+        session.commit()  # hand the connection back: the forward may take seconds
+        return model
+
     # The session is synchronous: query it on a thread, not on the event loop.
-    model = await run_in_threadpool(
-        lambda: service.model_for_prediction(session, principal=principal, model_id=inputs.model_id)
-    )
+    model = await run_in_threadpool(lookup)
     if inputs.encoded is not None:  # up to max_upload_bytes of base64: decode off the loop
         inputs.sources = await run_in_threadpool(
             _decode_all, inputs.encoded, settings.max_image_bytes
