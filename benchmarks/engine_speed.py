@@ -57,6 +57,7 @@ from common import (
     cpu_model,
     log,
     quiet_gate,
+    script_parser,
     wait_for_quiet,
     write_section,
 )
@@ -958,8 +959,7 @@ def section_key(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser = script_parser(__doc__)  # --device, --out and the load options
     parser.add_argument("--arch", default="R50x1", help="bit_core architecture (default R50x1)")
     parser.add_argument("--resolutions", default="128,480", help="comma-separated (128,480)")
     parser.add_argument("--quick", action="store_true", help="short run; no compile rows")
@@ -979,25 +979,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", default="", help="only these row keys, e.g. official,fast")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
-    parser.add_argument("--out", type=Path, help="write/update this run's section in a file")
     parser.add_argument("--section", default="", help="section key in --out (default: derived)")
-    parser.add_argument("--max-load", type=float, default=1.5, help="1-min load to start (1.5)")
-    parser.add_argument("--load-retries", type=int, default=5)
-    parser.add_argument("--load-wait", type=float, default=60.0, help="seconds per retry")
-    parser.add_argument(
-        "--max-others",
-        type=float,
-        default=0.5,
-        help="before each block, wait while other processes use more cores than this (0.5)",
-    )
-    parser.add_argument("--block-waits", type=int, default=2, help="30 s waits per block (2)")
-    parser.add_argument(
-        "--max-redo",
-        type=int,
-        default=3,
-        help="timed rounds disturbed by other processes (> --max-others cores) to re-run, "
-        "per block (3)",
-    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
