@@ -21,6 +21,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() * (2.0 / 255.0) - 1.0
 
 
+def to_unit_range_array(images: np.ndarray) -> np.ndarray:
+    """`to_unit_range` in NumPy (same float32 values), for threads that must not run torch."""
+    return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
 def random_crop_flip(images: torch.Tensor, crop: int, rng: np.random.Generator) -> torch.Tensor:
     """Per-image random `crop` x `crop` window and random horizontal flip.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bit_core import augment
@@ -60,13 +61,18 @@ class Predictor:
     def preprocess(
         self, sources: list[ImageSource], names: list[str] | None = None
     ) -> torch.Tensor:
-        """Decode images to a float batch (N, 3, crop, crop) in [-1, 1] (CPU)."""
+        """Decode images to a float batch (N, 3, crop, crop) in [-1, 1] (CPU).
+
+        NumPy only, no torch op: the service runs this on its decode threads, and a torch
+        op big enough to go parallel would make each of them a master of its own OpenMP
+        team, which slows every forward (see service/inference/threads.py).
+        """
         names = names or [None] * len(sources)  # type: ignore[list-item]
         arrays = [
-            torch.from_numpy(load_square(source, self.crop, name=name))
+            load_square(source, self.crop, name=name)
             for source, name in zip(sources, names, strict=True)
         ]
-        return augment.to_unit_range(torch.stack(arrays))
+        return torch.from_numpy(augment.to_unit_range_array(np.stack(arrays)))
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:

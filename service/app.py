@@ -8,7 +8,7 @@ from service.api.routes import base_models, datasets, health, jobs, models, pred
 from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
-from service.metrics import record_request
+from service.metrics import RequestMetrics
 from service.rate_limit import install as install_rate_limit
 from service.settings import Settings, get_settings
 from service.upload_limit import UploadLimitMiddleware
@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     install_error_handlers(app)
     install_rate_limit(app)  # a token bucket per API key, checked once the key is known
-    app.middleware("http")(record_request)
+    app.add_middleware(RequestMetrics)
     app.include_router(health.router)
     app.include_router(datasets.router)
     app.add_middleware(UploadLimitMiddleware, max_bytes=app.state.settings.max_upload_bytes)

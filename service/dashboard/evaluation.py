@@ -14,7 +14,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from service.db.artifacts import ArtifactStore, LocalArtifactStore
 from service.db.models import Image, Job, Model
 from service.db.session import session_factory
 from service.inference.cache import ModelRef
+from service.inference.threads import run_in_fresh_thread
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,19 @@ def evaluate_on_training_images(
 
 
 class TrainingEvaluations:
-    """Evaluations on training images, computed once per model in one background thread."""
+    """Evaluations on training images, computed once per model in the background.
+
+    Each runs on a fresh thread that exits when done (see service/inference/threads.py),
+    one at a time, so evaluations queue up instead of competing with predictions for CPU.
+    """
 
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
         self._lock = threading.Lock()
         self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._running: dict[str, Future[None]] = {}
-        # One thread: evaluations queue up instead of competing with predictions for CPU.
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="bit-dashboard-eval")
+        self._one_at_a_time = threading.Lock()
+        self._closed = False
 
     def _path(self, key: str) -> Path:
         return self.cache_dir / f"eval-{key}.json"
@@ -139,7 +144,9 @@ class TrainingEvaluations:
                 except (OSError, ValueError):
                     pass  # unreadable cache file: compute again
             if key not in self._running:
-                self._running[key] = self._pool.submit(self._run, key, compute)
+                self._running[key] = run_in_fresh_thread(
+                    lambda: self._run(key, compute), name="bit-dashboard-eval"
+                )
             return None
 
     def _keep(self, key: str, report: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +156,12 @@ class TrainingEvaluations:
         return report
 
     def _run(self, key: str, compute: Callable[[], dict[str, Any]]) -> None:
+        with self._one_at_a_time:
+            if self._closed:
+                return
+            self._compute_and_keep(key, compute)
+
+    def _compute_and_keep(self, key: str, compute: Callable[[], dict[str, Any]]) -> None:
         try:
             report = compute()
         except Exception as exc:
@@ -170,4 +183,5 @@ class TrainingEvaluations:
             log.warning("could not keep the evaluation of model %s on disk", key, exc_info=True)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Start no more evaluations; one running finishes on its own thread."""
+        self._closed = True

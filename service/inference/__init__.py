@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -25,6 +25,7 @@ from service.deps import get_store
 from service.errors import ApiError
 from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store
+from service.inference.threads import to_fresh_thread
 from service.settings import Settings
 
 __all__ = [
@@ -103,8 +104,11 @@ class Inference:
         )
 
     async def predictor(self, ref: ModelRef) -> Predictor:
-        """The model's predictor, loaded off the event loop on first use."""
-        return await asyncio.to_thread(self.cache.get, ref)
+        """The model's predictor; the first use loads it on a fresh thread (threads.py)."""
+        predictor = self.cache.cached(ref)
+        if predictor is not None:
+            return predictor
+        return await to_fresh_thread(partial(self.cache.get, ref), name=f"bit-load-{ref.id}")
 
     async def predict(
         self, ref: ModelRef, sources: list[bytes], names: list[str], *, top_k: int
@@ -120,14 +124,15 @@ class Inference:
         loop = asyncio.get_running_loop()
         step = self.batcher.max_batch_size
 
-        async def chunk(start: int) -> torch.Tensor:
+        def chunk(start: int) -> Awaitable[torch.Tensor]:
             # Typed as preprocess takes them (lists are invariant).
             chunk_sources: list[ImageSource] = [*sources[start : start + step]]
             chunk_names: list[str] | None = names[start : start + step]
-            rows = await loop.run_in_executor(
+            rows = loop.run_in_executor(
                 self._decode, predictor.preprocess, chunk_sources, chunk_names
             )
-            return await self.batcher.run(ref.id, forward, rows)
+            # Handed over while decoding: a batch of this model waits for it.
+            return self.batcher.run(ref.id, forward, rows)
 
         results = await asyncio.gather(
             *(chunk(start) for start in range(0, len(sources), step)), return_exceptions=True

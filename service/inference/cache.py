@@ -126,13 +126,24 @@ class ModelCache:
         with self._lock:
             return len(self._entries)
 
+    def cached(self, ref: ModelRef) -> Predictor | None:
+        """The predictor of `ref` if it is loaded, else None (never blocks on a load)."""
+        with self._lock:
+            return self._lookup(ref)
+
+    def _lookup(self, ref: ModelRef) -> Predictor | None:
+        entry = self._entries.get(ref.id)  # callers hold the lock
+        if entry is None or entry.sha256 != ref.sha256:
+            return None
+        self._entries.move_to_end(ref.id)
+        return entry.predictor
+
     def get(self, ref: ModelRef) -> Predictor:
         """The predictor of `ref`, loading it on first use (blocks; call it off the loop)."""
         with self._lock:
-            entry = self._entries.get(ref.id)
-            if entry is not None and entry.sha256 == ref.sha256:
-                self._entries.move_to_end(ref.id)
-                return entry.predictor
+            predictor = self._lookup(ref)
+            if predictor is not None:
+                return predictor
             pending = self._loading.get(ref.id)
             loads_here = pending is None
             if pending is None:

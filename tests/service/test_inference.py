@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -173,11 +176,12 @@ def test_calls_arriving_during_a_forward_form_the_next_batch(
     assert all(torch.allclose(r, one_by_one[i : i + 1], atol=1e-5) for i, r in enumerate(results))
 
 
-def test_a_lone_call_waits_at_most_max_wait(predictor: Predictor, rows: torch.Tensor):
+def test_a_lone_call_does_not_wait_for_company(predictor: Predictor, rows: torch.Tensor):
     forward = Recorder(predictor)
 
     async def main() -> float:
-        batcher = Batcher(max_batch_size=8, max_wait_s=0.05)
+        # Nobody else is on the way: the forward starts at once, not after max_wait_s.
+        batcher = Batcher(max_batch_size=8, max_wait_s=TIMEOUT_S)
         began = asyncio.get_running_loop().time()
         await asyncio.wait_for(batcher.run("m", forward, rows[:1]), TIMEOUT_S)
         elapsed = asyncio.get_running_loop().time() - began
@@ -186,24 +190,86 @@ def test_a_lone_call_waits_at_most_max_wait(predictor: Predictor, rows: torch.Te
 
     elapsed = asyncio.run(main())
     assert forward.sizes == [1]
+    assert elapsed < TIMEOUT_S / 2
+
+
+async def _rows_when(ready: asyncio.Event, rows: torch.Tensor) -> torch.Tensor:
+    """Rows that are still 'decoding' until `ready` is set."""
+    await ready.wait()
+    return rows
+
+
+def test_a_batch_waits_at_most_max_wait_for_a_call_on_its_way(
+    predictor: Predictor, rows: torch.Tensor
+):
+    forward = Recorder(predictor)
+
+    async def main() -> float:
+        batcher = Batcher(max_batch_size=8, max_wait_s=0.05)
+        never = asyncio.Event()
+        late = asyncio.create_task(batcher.run("m", forward, _rows_when(never, rows[1:2])))
+        await until(lambda: batcher._on_the_way["m"] == 1)
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(batcher.run("m", forward, rows[:1]), TIMEOUT_S)
+        elapsed = asyncio.get_running_loop().time() - began
+        never.set()
+        await asyncio.wait_for(late, TIMEOUT_S)
+        await batcher.aclose()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert forward.sizes == [1, 1]  # the late call missed the batch it was waited for
     assert 0.04 <= elapsed < TIMEOUT_S / 2
 
 
-def test_a_call_joins_a_batch_that_is_still_waiting(predictor: Predictor, rows: torch.Tensor):
+def test_a_call_on_its_way_joins_the_batch_waiting_for_it(
+    predictor: Predictor, rows: torch.Tensor, one_by_one: torch.Tensor
+):
     forward = Recorder(predictor)
 
-    async def main() -> None:
+    async def main() -> list[torch.Tensor]:
         batcher = Batcher(max_batch_size=2, max_wait_s=TIMEOUT_S)
+        decoded = asyncio.Event()
+        second = asyncio.create_task(batcher.run("m", forward, _rows_when(decoded, rows[1:2])))
         first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
-        # The lane exists and its queue is empty: the collector holds the first call and
-        # is waiting for company.
+        # The collector holds the first call and waits for the one still decoding.
         await until(lambda: "m" in batcher._lanes and batcher.queued("m") == 0)
-        second = batcher.run("m", forward, rows[1:2])
-        await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT_S)
+        decoded.set()
+        results = await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT_S)
         await batcher.aclose()
+        return results
 
-    asyncio.run(main())
+    first, second = asyncio.run(main())
     assert forward.sizes == [2]
+    assert torch.allclose(first, one_by_one[:1], atol=1e-5)
+    assert torch.allclose(second, one_by_one[1:2], atol=1e-5)
+
+
+def test_a_call_that_fails_on_its_way_stops_the_wait(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor)
+
+    async def failing(ready: asyncio.Event) -> torch.Tensor:
+        await ready.wait()
+        raise ValueError("not an image")
+
+    async def main() -> tuple[object, float]:
+        batcher = Batcher(max_batch_size=8, max_wait_s=TIMEOUT_S)
+        ready = asyncio.Event()
+        doomed = asyncio.create_task(batcher.run("m", forward, failing(ready)))
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        await until(lambda: "m" in batcher._lanes and batcher.queued("m") == 0)
+        began = asyncio.get_running_loop().time()
+        ready.set()
+        await asyncio.wait_for(first, TIMEOUT_S)
+        elapsed = asyncio.get_running_loop().time() - began
+        error = await asyncio.gather(doomed, return_exceptions=True)
+        await batcher.aclose()
+        return error[0], elapsed
+
+    error, elapsed = asyncio.run(main())
+    assert forward.sizes == [1]
+    assert isinstance(error, ValueError)
+    assert elapsed < TIMEOUT_S / 2  # the wait ended with the failure, not with max_wait_s
 
 
 def test_large_calls_are_split_at_max_batch_size(
@@ -502,3 +568,38 @@ def test_inference_predicts_in_chunks_like_the_predictor(
     for row, reference in zip(result, expected, strict=True):
         for got, want in zip(row, reference, strict=True):
             assert got.probability == pytest.approx(want.probability, abs=1e-5)
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/task").is_dir() or "OpenMP" not in torch.__config__.parallel_info(),
+    reason="counts OpenMP worker threads under /proc (Linux, torch built with OpenMP)",
+)
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one CPU thread: OpenMP forms no team")
+def test_only_the_forward_thread_keeps_an_openmp_team(tmp_path: Path):
+    """Decode threads, model loads and evaluations leave no OpenMP team behind.
+
+    A second long-lived team makes libgomp stop spinning, which slowed an R50x1 forward on
+    2 cores from 31 to 52 ms (service/inference/threads.py). Crop 128, so that the decoded
+    batches are large enough for torch to run their ops in parallel.
+    """
+    store = LocalArtifactStore(tmp_path / "artifacts")
+    info = save_tiny_model(store.path("jobs/1/model"), crop=128)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.service.openmp_team_probe",
+            str(store.root),
+            "jobs/1/model",
+            info.sha256,
+        ],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert probe.returncode == 0, probe.stderr
+    counts = json.loads(probe.stdout.splitlines()[-1])
+    assert counts["expected"] > counts["before"]
+    assert counts["after"] == counts["expected"], counts

@@ -1,0 +1,75 @@
+"""Run as its own process: serve predictions the way the API does and count OpenMP workers.
+
+Usage: python -m tests.service.openmp_team_probe STORE_ROOT URI SHA256
+Prints one JSON line: the native threads (OS threads Python does not know, i.e. OpenMP
+workers) before and after, and torch's thread count. The main thread runs no torch op of
+its own, as in the API process, where it runs the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+import time
+from functools import partial
+from typing import Any
+
+import torch
+
+from service.dashboard.evaluation import TrainingEvaluations
+from service.db.artifacts import LocalArtifactStore
+from service.inference import Inference
+from service.inference.batcher import Batcher
+from service.inference.cache import ModelCache, ModelRef, load_from_store
+from tests.service.test_inference import png_bytes
+
+SETTLE_S = 10.0  # a team of an exited thread leaves within this
+
+
+def native_threads() -> int:
+    return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+
+def settled(expected: int) -> int:
+    """Native threads once no more than `expected` remain, or when SETTLE_S runs out."""
+    deadline = time.monotonic() + SETTLE_S
+    while native_threads() > expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return native_threads()
+
+
+async def serve(store: LocalArtifactStore, ref: ModelRef) -> dict[str, Any]:
+    inference = Inference(
+        ModelCache(partial(load_from_store, store, device="cpu"), 1 << 30),
+        Batcher(max_batch_size=4, max_wait_s=0.001),
+        decode_threads=2,
+    )
+    before = native_threads()
+    images = [png_bytes(i) for i in range(8)]
+    names = [f"{i}.png" for i in range(8)]
+    for _ in range(3):  # concurrent calls: decode threads and the forward thread all busy
+        await asyncio.gather(*(inference.predict(ref, images, names, top_k=1) for _ in range(3)))
+    evaluations = TrainingEvaluations(store.root / "cache")
+    predictor = await inference.predictor(ref)
+    rows = predictor.preprocess(images)
+    evaluations.get(ref, lambda: {"rows": len(predictor.probabilities(rows))})
+    deadline = time.monotonic() + SETTLE_S
+    while evaluations.get(ref, dict) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    expected = before + torch.get_num_threads() - 1  # the forward thread's team alone
+    after = settled(expected)
+    await inference.aclose()
+    return {"before": before, "after": after, "expected": expected}
+
+
+def main() -> None:
+    root, uri, sha = sys.argv[1:4]
+    store = LocalArtifactStore(root)
+    print(json.dumps(asyncio.run(serve(store, ModelRef(1, uri, sha)))))
+
+
+if __name__ == "__main__":
+    main()
