@@ -23,9 +23,7 @@ Errors are `{"error": {"code": "...", "message": "..."}}` with a stable code.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` overrides the environment (tests)."""
     app = FastAPI(title="BiT service", version="0.1.0", description=API_DESCRIPTION)
-    if settings is not None:
-        app.dependency_overrides[get_settings] = lambda: settings
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings or get_settings()  # what `deps.SettingsDep` injects
     install_error_handlers(app)
     install_rate_limit(app)  # a token bucket per API key, checked once the key is known
     app.add_middleware(RequestMetrics)

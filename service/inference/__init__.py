@@ -21,7 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from bit_core.images import ImageDecodeError, ImageSource
 from bit_core.predict import Prediction, Predictor
 from service.db.artifacts import ArtifactStore
-from service.deps import get_store
+from service.deps import store_for
 from service.errors import ApiError
 from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store
@@ -163,7 +163,7 @@ async def get_inference(request: Request) -> Inference:
     inference: Inference | None = getattr(state, "inference", None)
     if inference is None:
         settings: Settings = state.settings
-        inference = state.inference = Inference.from_settings(settings, get_store(settings))
+        inference = state.inference = Inference.from_settings(settings, store_for(settings))
     return inference
 
 
