@@ -61,6 +61,7 @@ from common import (
     wait_for_quiet,
     write_section,
 )
+from flops import device_peak, flops_per_image
 from torch import nn
 
 from bit_core import create_model
@@ -873,10 +874,40 @@ def _chained(
     return value / same_window_fast * fast / official
 
 
-def training_table(results: list[TrainResult]) -> str:
+def row_precision(device: torch.device, row: str) -> str:
+    """The precision a training row computes in: bf16 for autocast rows, else fp32."""
+    fast_is_bf16 = device.type == "cuda" and row in ("fast", "fast_compile")
+    return "bf16" if "bf16" in row or fast_is_bf16 else "fp32"
+
+
+def mfu(result: TrainResult, arch: str, device: torch.device) -> str:
+    """Model FLOPs utilisation of a training row, against its precision's peak."""
+    peak = device_peak(device, row_precision(device, result.row))
+    if result.images_per_s is None or peak is None:
+        return "—"
+    used = result.images_per_s * flops_per_image(arch, result.res, training=True)
+    return f"{used / peak.flops:.1%}"
+
+
+def mfu_note(arch: str, device: torch.device, resolutions: list[int]) -> str:
+    """What the MFU column is measured against, for the header."""
+    per_image = ", ".join(
+        f"{flops_per_image(arch, res, training=True) / 1e9:.1f} GFLOP at {res} px"
+        for res in resolutions
+    )
+    peaks = {device_peak(device, p) for p in ("fp32", "bf16")}
+    sources = "; ".join(peak.source for peak in peaks if peak is not None) or "unknown device"
+    return (
+        f"- MFU: images/s × {arch} forward + backward FLOPs per image (convolutions and "
+        f"matrix products, FlopCounterMode: {per_image}) ÷ peak. Peak: {sources}."
+    )
+
+
+def training_table(results: list[TrainResult], arch: str, device: torch.device) -> str:
     lines = [
-        "| px | path | micro × accum | images/s | rounds min–max | × official | × fast | notes |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| px | path | micro × accum | images/s | rounds min–max | × official | × fast | MFU "
+        "| notes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     by = {(r.res, r.row): r for r in results}
     for r in results:
@@ -894,7 +925,7 @@ def training_table(results: list[TrainResult]) -> str:
             f"| {r.res} | {r.label} | {batch} | {_num(r.images_per_s, 2)} | {spread} "
             f"| {vs_official} "
             f"| {_ratio(r.images_per_s, r.fast_ref or (fast.images_per_s if fast else None))} "
-            f"| {r.note} |"
+            f"| {mfu(r, arch, device)} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -1113,8 +1144,9 @@ def main(argv: list[str] | None = None) -> int:
             "images/s: median over the timed rounds (warm-up excluded) of one step of "
             "`micro × accum` images "
             "(the optimizer step is amortized over `accum` micro-batches, not over 512).",
+            mfu_note(args.arch, device, resolutions),
             "",
-            training_table(train_results) if train_results else "(not measured)",
+            training_table(train_results, args.arch, device) if train_results else "(not measured)",
             "",
             "#### Inference",
             "",

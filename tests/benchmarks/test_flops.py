@@ -1,0 +1,49 @@
+"""benchmarks/flops.py: the FLOP counts and peaks that the MFU column divides by."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # scripts import as siblings
+
+from flops import cpu_peak, flops_per_image, gpu_peak
+
+
+def test_r50x1_forward_flops_match_the_published_count():
+    # ResNet-50 at 224 px: about 4.1 G multiply-adds, 2 FLOPs each.
+    assert flops_per_image("R50x1", 224, training=False) == pytest.approx(8.2e9, rel=0.03)
+
+
+def test_training_counts_forward_and_backward_and_scales_with_pixels():
+    forward = flops_per_image("R50x1", 128, training=False)
+    training = flops_per_image("R50x1", 128, training=True)
+    assert training == pytest.approx(3 * forward, rel=0.05)  # backward: two products per conv
+    large = flops_per_image("R50x1", 480, training=True)
+    assert large == pytest.approx(training * (480 / 128) ** 2, rel=0.05)
+    assert flops_per_image("R101x1", 128, training=True) > 1.8 * training
+
+
+CPUINFO = "processor\t: 0\ncpu MHz\t\t: 2600.000\nflags\t\t: fpu sse avx avx2 fma {extra}\n"
+
+
+def test_cpu_peak_is_cores_times_clock_times_fma_width():
+    avx512 = cpu_peak(CPUINFO.format(extra="avx512f"), cores=2)
+    avx2 = cpu_peak(CPUINFO.format(extra=""), cores=2)
+    assert avx512 is not None and avx2 is not None
+    assert avx512.flops == pytest.approx(2 * 2.6e9 * 64)
+    assert avx2.flops == pytest.approx(2 * 2.6e9 * 32)
+    assert "estimate" in avx512.source and "333 GFLOP/s" in avx512.source
+    assert cpu_peak("processor\t: 0\n", cores=2) is None  # no clock: no peak, not a guess
+
+
+def test_gpu_peaks_by_device_name_and_precision():
+    h200 = gpu_peak("NVIDIA H200", "bf16")
+    assert h200 is not None and h200.flops == pytest.approx(989.4e12)
+    pcie = gpu_peak("NVIDIA H100 PCIe", "bf16")
+    assert pcie is not None and pcie.flops == pytest.approx(756e12)
+    fp32 = gpu_peak("NVIDIA H100 80GB HBM3", "fp32")
+    assert fp32 is not None and "TF32" in fp32.source
+    assert gpu_peak("Some Other GPU", "bf16") is None
