@@ -76,6 +76,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     config = RunConfig(
         seed=args.seed,
         device=args.device,
+        precision=args.precision,
         micro_batch_size=args.micro_batch,
         compile=args.compile,
         eval_every=args.eval_every,
@@ -278,6 +279,13 @@ def _add_finetune(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on a CPU; bf16 also pays on a CPU with "
+        "AMX (Intel Sapphire Rapids and later), see BENCHMARKS.md",
+    )
     p.add_argument("--micro-batch", type=int, help="micro-batch size (default: automatic)")
     p.add_argument("--compile", action="store_true", help="use torch.compile")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps")

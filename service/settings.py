@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 2.0
     dynamic_batching: bool = True
     device: str = "auto"
+    # Fine-tuning: "auto" is bf16 autocast on CUDA and fp32 on a CPU; "bf16" trains faster
+    # on a CPU with AMX too (BENCHMARKS.md), "fp32" everywhere is the official code's.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # Fine-tuning defaults for a CPU-only deployment can be lowered here.
     default_base_model: str = "BiT-M-R50x1"

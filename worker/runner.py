@@ -279,7 +279,10 @@ def _train_and_register(
         plan,
         store.local_dir(model_key),
         config=RunConfig(
-            seed=job.id, device=settings.device, checkpoint_every=settings.checkpoint_every
+            seed=job.id,
+            device=settings.device,
+            precision=settings.precision,
+            checkpoint_every=settings.checkpoint_every,
         ),
         checkpoint_path=checkpoint,
         on_progress=ProgressWriter(session, settings, job, owner, state),

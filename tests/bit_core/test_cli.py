@@ -89,6 +89,8 @@ def test_linear_mode_from_the_cli(tmp_path: Path, train_folder: Path):
         "lin",
         "--crop",
         "32",
+        "--precision",
+        "bf16",  # features under bf16 autocast, on a CPU too
         "--quiet",
         cwd=tmp_path,
     )
@@ -112,6 +114,11 @@ def test_user_errors_are_one_clear_line(tmp_path: Path, train_folder: Path):
     corrupt = bit("finetune", str(bad), "--base", "R14x0.5", cwd=tmp_path)
     assert corrupt.returncode == 2 and "notes.jpg" in corrupt.stderr
     assert "Traceback" not in corrupt.stderr
+
+    fp16 = bit(
+        "finetune", str(train_folder), "--base", "R14x0.5", "--precision", "fp16", cwd=tmp_path
+    )
+    assert fp16.returncode == 2 and "choose from 'auto', 'fp32', 'bf16'" in fp16.stderr
 
     listing = bit("weights", "list", cwd=tmp_path)
     assert listing.returncode == 0 and "available  BiT-M-R152x4" in listing.stdout

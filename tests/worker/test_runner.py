@@ -8,9 +8,13 @@ import hashlib
 import hmac
 import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
 
+import worker.runner
 from service.auth import Principal
 from service.datasets.service import create_dataset
 from service.datasets.uploads import UploadItem
@@ -124,3 +128,27 @@ def test_the_result_is_posted_signed(sqlite_settings: Settings):
     payload = delivery.payload
     assert payload["job_id"] == job_id and payload["status"] == "succeeded" and payload["model_id"]
     assert job_row(settings, job_id).callback_status == "204"
+
+
+def test_the_precision_setting_reaches_the_training_run(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    seen: list[str] = []
+    train = worker.runner.run_finetune
+
+    def recording(*args: Any, **kwargs: Any) -> Any:  # a spy: the real run goes on
+        seen.append(kwargs["config"].precision)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(worker.runner, "run_finetune", recording)
+    settings = sqlite_settings.model_copy(update={"precision": "bf16"})
+    job_id = make_job(settings, steps=5)
+    assert run_finetune_job(settings, job_id, "w1") == "succeeded"
+    assert seen == ["bf16"]
+
+
+def test_an_unknown_precision_is_refused_at_startup(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("BIT_PRECISION", "fp16")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "precision" in str(refused.value) and "bf16" in str(refused.value)
