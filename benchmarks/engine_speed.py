@@ -504,6 +504,7 @@ class TrainResult:
     warmup_s: float = 0.0
     note: str = ""
     fast_ref: float | None = None  # images/s of eager `fast`, same child process (isolated)
+    peak_bytes: int = 0  # CUDA: most memory allocated during a timed step (0: not measured)
 
     @property
     def images_per_s(self) -> float | None:
@@ -592,21 +593,25 @@ def measure_training_eager(
         slow[key] = f"skipped: {factor:.0f}x slower at {res} px"
     order = list(trainers)
 
-    def one_round(round_index: int) -> dict[str, tuple[int, float]]:
+    def one_round(round_index: int) -> dict[str, tuple[int, float, int]]:
         log(f"train {res}px: round {round_index + 1}")
         shift = round_index % max(1, len(order))
         data = {}
         for key in order[shift:] + order[:shift]:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             seconds = sum(trainers[key].run(counts.train_steps))
-            data[key] = (trainers[key].images_per_step() * counts.train_steps, seconds)
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+            data[key] = (trainers[key].images_per_step() * counts.train_steps, seconds, peak)
         return data
 
     for data in policy.run(counts.train_rounds, one_round):
-        for key, (images, seconds) in data.items():
+        for key, (images, seconds, peak) in data.items():
             result = results[key]
             result.images += images
             result.seconds += seconds
             result.round_rates.append(images / seconds)
+            result.peak_bytes = max(result.peak_bytes, peak)
     return [results[row.key] for row in rows]
 
 
@@ -895,19 +900,24 @@ def mfu_note(arch: str, device: torch.device, resolutions: list[int]) -> str:
         f"{flops_per_image(arch, res, training=True) / 1e9:.1f} GFLOP at {res} px"
         for res in resolutions
     )
-    peaks = {device_peak(device, p) for p in ("fp32", "bf16")}
-    sources = "; ".join(peak.source for peak in peaks if peak is not None) or "unknown device"
+    peaks = {p: device_peak(device, p) for p in ("fp32", "bf16")}
+    sources = "; ".join(
+        f"{precision} rows: {peak.source}" for precision, peak in peaks.items() if peak
+    )
     return (
         f"- MFU: images/s × {arch} forward + backward FLOPs per image (convolutions and "
-        f"matrix products, FlopCounterMode: {per_image}) ÷ peak. Peak: {sources}."
+        f"matrix products, FlopCounterMode: {per_image}) ÷ the peak of the row's precision. "
+        f"{sources or 'Peak: unknown device'}."
     )
 
 
 def training_table(results: list[TrainResult], arch: str, device: torch.device) -> str:
+    memory = device.type == "cuda"  # peak memory: a GPU figure (CPU RAM is not the limit)
     lines = [
         "| px | path | micro × accum | images/s | rounds min–max | × official | × fast | MFU "
-        "| notes |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        + ("| peak GPU memory GiB " if memory else "")
+        + "| notes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if memory else "") + "---|",
     ]
     by = {(r.res, r.row): r for r in results}
     for r in results:
@@ -925,7 +935,15 @@ def training_table(results: list[TrainResult], arch: str, device: torch.device) 
             f"| {r.res} | {r.label} | {batch} | {_num(r.images_per_s, 2)} | {spread} "
             f"| {vs_official} "
             f"| {_ratio(r.images_per_s, r.fast_ref or (fast.images_per_s if fast else None))} "
-            f"| {mfu(r, arch, device)} | {r.note} |"
+            f"| {mfu(r, arch, device)} "
+            + (
+                f"| {r.peak_bytes / 1024**3:.2f} "
+                if memory and r.peak_bytes
+                else "| — "
+                if memory
+                else ""
+            )
+            + f"| {r.note} |"
         )
     return "\n".join(lines)
 

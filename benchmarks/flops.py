@@ -76,11 +76,15 @@ def gpu_peak(name: str, precision: str) -> Peak | None:
     return None
 
 
-def cpu_peak(cpuinfo: str | None = None, cores: int | None = None) -> Peak | None:
-    """fp32 peak of the CPUs torch uses: cores × clock × FLOPs per cycle, estimated.
+def cpu_peak(
+    cpuinfo: str | None = None, cores: int | None = None, precision: str = "fp32"
+) -> Peak | None:
+    """Peak of the CPUs torch uses: cores × clock × FLOPs per cycle, estimated.
 
-    FLOPs per cycle assume two FMA units: 64 with AVX-512, 32 with AVX2 + FMA. The clock
-    is the one /proc/cpuinfo reports (on a VM usually the nominal one, not turbo).
+    fp32 FLOPs per cycle assume two FMA units: 64 with AVX-512, 32 with AVX2 + FMA. bf16:
+    1024 with AMX (Intel's figure for its tile unit), 128 with AVX512-BF16 alone, else as
+    fp32 (bf16 is then converted, not faster). The clock is the one /proc/cpuinfo reports
+    (on a VM usually the nominal one, not turbo).
     """
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
@@ -92,22 +96,27 @@ def cpu_peak(cpuinfo: str | None = None, cores: int | None = None) -> Peak | Non
     clock = re.search(r"^cpu MHz\s*:\s*([0-9.]+)", cpuinfo, re.M)
     if clock is None:
         return None
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 16
+    if "avx512f" in flags:
+        per_cycle, unit = 64, "AVX-512 fp32, 2 FMA units assumed"
+    elif {"avx2", "fma"} <= flags:
+        per_cycle, unit = 32, "AVX2 fp32, 2 FMA units assumed"
+    else:
+        per_cycle, unit = 16, "SSE fp32"
+    if precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX bf16"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX512-BF16"
     cores = cores or torch.get_num_threads() or os.cpu_count() or 1
     ghz = float(clock.group(1)) / 1000
     return Peak(
         cores * ghz * 1e9 * per_cycle,
-        f"CPU fp32 estimate: {cores} cores × {ghz:.2f} GHz × {per_cycle} FLOP/cycle "
-        f"({'AVX-512' if per_cycle == 64 else 'AVX2'}, 2 FMA units assumed) = "
-        f"{cores * ghz * per_cycle:.0f} GFLOP/s",
+        f"CPU {precision} estimate: {cores} cores × {ghz:.2f} GHz × {per_cycle} FLOP/cycle "
+        f"({unit}) = {cores * ghz * per_cycle:.0f} GFLOP/s",
     )
 
 
 def device_peak(device: torch.device, precision: str) -> Peak | None:
-    """The peak to report MFU against on `device` for a row computing in `precision`.
-
-    On a CPU every row is held against the fp32 estimate, bf16 rows included.
-    """
+    """The peak to report MFU against on `device` for a row computing in `precision`."""
     if device.type == "cuda":
         return gpu_peak(torch.cuda.get_device_name(device), precision)
-    return cpu_peak()
+    return cpu_peak(precision=precision)

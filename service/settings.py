@@ -64,8 +64,8 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 2.0
     dynamic_batching: bool = True
     device: str = "auto"
-    # Fine-tuning: "auto" is bf16 autocast on CUDA and fp32 on a CPU; "bf16" trains faster
-    # on a CPU with AMX too (BENCHMARKS.md), "fp32" everywhere is the official code's.
+    # Fine-tuning and prediction: "auto" is bf16 autocast on CUDA and fp32 on a CPU; "bf16"
+    # is faster on a CPU with AMX too (BENCHMARKS.md); "fp32" is the official code's.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # Fine-tuning defaults for a CPU-only deployment can be lowered here.

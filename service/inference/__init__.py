@@ -92,7 +92,9 @@ class Inference:
     @classmethod
     def from_settings(cls, settings: Settings, store: ArtifactStore) -> Inference:
         """Cache budget, batch size, wait and device as configured."""
-        loader = partial(load_from_store, store, device=settings.device)
+        loader = partial(
+            load_from_store, store, device=settings.device, precision=settings.precision
+        )
         return cls(
             ModelCache(loader, settings.model_cache_bytes),
             Batcher(

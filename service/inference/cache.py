@@ -41,7 +41,9 @@ def predictor_bytes(predictor: Predictor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load_from_store(store: ArtifactStore, ref: ModelRef, *, device: str = "auto") -> Predictor:
+def load_from_store(
+    store: ArtifactStore, ref: ModelRef, *, device: str = "auto", precision: str = "auto"
+) -> Predictor:
     """Load a model directory from the artifact store; failures become ApiErrors.
 
     bit_core checks the weights against the sha256 in model.json; we also check that
@@ -58,7 +60,7 @@ def load_from_store(store: ArtifactStore, ref: ModelRef, *, device: str = "auto"
             retry_after=5,
         ) from exc
     try:
-        predictor = Predictor.load(directory, device=device)
+        predictor = Predictor.load(directory, device=device, precision=precision)
     except FileNotFoundError as exc:
         log.error("model %s: files missing under %r: %s", ref.id, ref.uri, exc)
         raise ApiError(

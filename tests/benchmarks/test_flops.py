@@ -36,6 +36,10 @@ def test_cpu_peak_is_cores_times_clock_times_fma_width():
     assert avx512.flops == pytest.approx(2 * 2.6e9 * 64)
     assert avx2.flops == pytest.approx(2 * 2.6e9 * 32)
     assert "estimate" in avx512.source and "333 GFLOP/s" in avx512.source
+    amx = cpu_peak(CPUINFO.format(extra="avx512f amx_bf16"), cores=2, precision="bf16")
+    assert amx is not None and amx.flops == pytest.approx(2 * 2.6e9 * 1024)
+    no_bf16 = cpu_peak(CPUINFO.format(extra=""), cores=2, precision="bf16")
+    assert no_bf16 is not None and no_bf16.flops == avx2.flops  # converted, not faster
     assert cpu_peak("processor\t: 0\n", cores=2) is None  # no clock: no peak, not a guess
 
 

@@ -28,6 +28,7 @@ from service.inference import Inference
 from service.inference.batcher import Batcher
 from service.inference.cache import ModelCache, ModelRef, load_from_store, predictor_bytes
 from service.metrics import REGISTRY
+from service.settings import Settings
 from tests.factories import CLASS_STYLES, draw_example
 
 CLASSES = list(CLASS_STYLES)
@@ -603,3 +604,19 @@ def test_only_the_forward_thread_keeps_an_openmp_team(tmp_path: Path):
     counts = json.loads(probe.stdout.splitlines()[-1])
     assert counts["expected"] > counts["before"]
     assert counts["after"] == counts["expected"], counts
+
+
+def test_the_precision_setting_reaches_the_served_predictor(
+    stored: tuple[LocalArtifactStore, ModelRef], tmp_path: Path
+):
+    store, model = stored
+    settings = Settings(home=tmp_path, device="cpu", precision="bf16")
+
+    async def main() -> Predictor:
+        inference = Inference.from_settings(settings, store)
+        try:
+            return await inference.predictor(model)
+        finally:
+            await inference.aclose()
+
+    assert asyncio.run(main()).precision == "bf16"
