@@ -41,7 +41,15 @@ from common import (
     script_parser,
     section_key,
 )
-from engine_speed import NUM_CLASSES, Infer, make_images, make_model, official_infer, timed
+from engine_speed import (
+    NUM_CLASSES,
+    Infer,
+    make_images,
+    make_model,
+    make_official_model,
+    official_infer,
+    timed,
+)
 
 from bit_core.predict import Predictor
 
@@ -79,7 +87,7 @@ def plans_for(device: torch.device, quick: bool, resolutions: list[int]) -> list
 
 def build_path(key: str, arch: str, device: torch.device, res: int) -> Infer:
     if key == "official":
-        return official_infer(make_model(arch), device)
+        return official_infer(make_official_model(arch), device)
     classes = [f"class{index}" for index in range(NUM_CLASSES)]
     return Predictor(make_model(arch), classes, res, device=str(device)).probabilities
 

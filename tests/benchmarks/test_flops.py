@@ -1,4 +1,4 @@
-"""benchmarks/flops.py: the FLOP counts and peaks that the MFU column divides by."""
+"""benchmarks/flops.py and engine_speed.py's official rows: what the ratios divide by."""
 
 from __future__ import annotations
 
@@ -51,3 +51,15 @@ def test_gpu_peaks_by_device_name_and_precision():
     fp32 = gpu_peak("NVIDIA H100 80GB HBM3", "fp32")
     assert fp32 is not None and "TF32" in fp32.source
     assert gpu_peak("Some Other GPU", "bf16") is None
+
+
+def test_the_official_rows_use_the_official_standardization_and_match_ours():
+    import torch
+    from engine_speed import OfficialStdConv2d, make_model, make_official_model
+
+    ours, official = make_model("R14x0.5"), make_official_model("R14x0.5")
+    assert any(isinstance(m, OfficialStdConv2d) for m in official.modules())
+    assert not any(isinstance(m, OfficialStdConv2d) for m in ours.modules())
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(images), official.eval()(images), atol=1e-5)
