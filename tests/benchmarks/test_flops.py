@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # scripts imp
 
 from flops import cpu_peak, flops_per_image, gpu_peak
 
+# engine_speed imports torch.utils.mkldnn, whose torch.jit decorators warn on import.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method`:DeprecationWarning")
+
 
 def test_r50x1_forward_flops_match_the_published_count():
     # ResNet-50 at 224 px: about 4.1 G multiply-adds, 2 FLOPs each.

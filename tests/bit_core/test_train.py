@@ -12,7 +12,7 @@ import bit_core
 from bit_core.checkpoint import load_training_state
 from bit_core.data import LabeledImages
 from bit_core.evaluate import evaluate
-from bit_core.train import Progress, RunConfig, finetune
+from bit_core.train import Progress, RunConfig, TrainResult, finetune
 
 ARCH = "R14x0.5"
 
@@ -185,3 +185,29 @@ def test_cuda_fast_path_trains_in_bf16_channels_last(train_folder: Path):
     assert next(result.model.parameters()).is_cuda and result.steps_done == 5
     assert result.model.root.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+@pytest.mark.gpu
+def test_a_real_cuda_out_of_memory_backs_off_to_a_micro_batch_that_fits(train_folder: Path):
+    """The memory cap is three times what a micro-batch of 2 needed: 16 cannot fit, 4 can."""
+    train = LabeledImages.from_folder(train_folder)
+    device = torch.device("cuda")
+
+    def run(batch: int, micro: int | None) -> TrainResult:
+        plan = small_plan(train, batch_size=batch, total_steps=5, precrop=512, crop=480)
+        model = bit_core.create_model(ARCH, len(train.classes))
+        return finetune(model, train, plan, RunConfig(device="cuda", micro_batch_size=micro))
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    run(2, 2)
+    cap = 3 * torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        result = run(16, None)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+    assert result.steps_done == 5 and 1 < result.micro_batch_size < 16
