@@ -210,7 +210,7 @@ class OfficialStdConv2d(StdConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
-        weight = (self.weight - mean) / torch.sqrt(var + 1e-10)
+        weight = (self.weight - mean) / torch.sqrt(var + self.eps)  # eps: the official 1e-10
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -934,6 +934,10 @@ def mfu_note(arch: str, device: torch.device, resolutions: list[int]) -> str:
     )
 
 
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.2f}" if size else "—"
+
+
 def training_table(results: list[TrainResult], arch: str, device: torch.device) -> str:
     memory = device.type == "cuda"  # peak memory: a GPU figure (CPU RAM is not the limit)
     lines = [
@@ -959,13 +963,7 @@ def training_table(results: list[TrainResult], arch: str, device: torch.device) 
             f"| {vs_official} "
             f"| {_ratio(r.images_per_s, r.fast_ref or (fast.images_per_s if fast else None))} "
             f"| {mfu(r, arch, device)} "
-            + (
-                f"| {r.peak_bytes / 1024**3:.2f} "
-                if memory and r.peak_bytes
-                else "| — "
-                if memory
-                else ""
-            )
+            + (f"| {_gib(r.peak_bytes)} " if memory else "")
             + f"| {r.note} |"
         )
     return "\n".join(lines)
