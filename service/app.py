@@ -8,6 +8,7 @@ from service.api.routes import base_models, datasets, health, jobs, models, pred
 from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
 from service.inference import install as install_inference
+from service.lookups import install as install_lookups
 from service.metrics import RequestMetrics
 from service.rate_limit import install as install_rate_limit
 from service.settings import Settings, get_settings
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="BiT service", version="0.1.0", description=API_DESCRIPTION)
     app.state.settings = settings or get_settings()  # what `deps.SettingsDep` injects
     install_error_handlers(app)
+    install_lookups(app)  # the callers of keys and the models of ids, briefly remembered
     install_rate_limit(app)  # a token bucket per API key, checked once the key is known
     app.add_middleware(RequestMetrics)
     app.include_router(health.router)

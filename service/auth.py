@@ -66,6 +66,29 @@ def authenticate(session: Session, key: str) -> Principal | None:
     return Principal(row.id, row.tenant, row.role)
 
 
+def revoke_key(session: Session, prefix: str) -> int:
+    """Revoke the key(s) starting with `prefix` (its first 12 characters, as `list_keys`
+    shows them, or the whole key); returns how many were revoked."""
+    if len(prefix) < 12:
+        raise ValueError(
+            f"give at least the first 12 characters of the key (as `bit admin list-keys` "
+            f"shows them), got {len(prefix)}"
+        )
+    rows = session.scalars(
+        select(ApiKey).where(ApiKey.prefix == prefix[:12], ApiKey.revoked.is_(False))
+    ).all()
+    matching = [row for row in rows if len(prefix) == 12 or row.key_hash == hash_key(prefix)]
+    for row in matching:
+        row.revoked = True
+    session.flush()
+    return len(matching)
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    """Every key, oldest first (their prefixes, never the keys)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)).all())
+
+
 def has_admin_key(session: Session) -> bool:
     return (
         session.scalar(

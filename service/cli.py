@@ -66,6 +66,40 @@ def _cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_revoke_key(args: argparse.Namespace) -> int:
+    from service.auth import revoke_key
+    from service.db.session import session_scope
+
+    settings = get_settings()
+    try:
+        with session_scope(settings.database_url) as session:
+            revoked = revoke_key(session, args.prefix)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not revoked:
+        print(f"error: no unrevoked key starts with {args.prefix[:12]!r}", file=sys.stderr)
+        return 1
+    print(
+        f"revoked {revoked} key(s); API processes refuse it within "
+        f"{settings.lookup_cache_s:g} s (BIT_LOOKUP_CACHE_S)"
+    )
+    return 0
+
+
+def _cmd_list_keys(_: argparse.Namespace) -> int:
+    from service.auth import list_keys
+    from service.db.session import session_scope
+
+    settings = get_settings()
+    with session_scope(settings.database_url) as session:
+        for key in list_keys(session):
+            used = key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else "never"
+            state = "revoked" if key.revoked else "active"
+            print(f"{key.prefix}  {key.role:5s}  {key.tenant}  {state}  last used {used}", key.name)
+    return 0
+
+
 def _serve_api(host: str, port: int) -> None:
     import uvicorn
 
@@ -143,6 +177,11 @@ def build_service_parser() -> argparse.ArgumentParser:
     k.add_argument("--tenant", default="default")
     k.add_argument("--name", default="")
     k.set_defaults(handler=_cmd_create_key)
+    k = admin.add_parser("revoke-key", help="revoke an API key by its first 12 characters")
+    k.add_argument("prefix", help="the key's first 12 characters (bit admin list-keys), or the key")
+    k.set_defaults(handler=_cmd_revoke_key)
+    k = admin.add_parser("list-keys", help="list API keys: prefix, role, tenant, state, last use")
+    k.set_defaults(handler=_cmd_list_keys)
     return parser
 
 

@@ -1,21 +1,21 @@
 """Injected types, declared once: settings, DB session, artifact store, the caller.
 
 FastAPI runs every plain-`def` dependency on a worker thread: a hop of about 0.15 ms on
-2 cores, several per request. The ones here that do no blocking I/O are `async def` so
-they run on the event loop; only the API-key lookup, a database query, takes a thread.
+2 cores, several per request. The ones here are `async def` so they run on the event
+loop; the API-key lookup takes a thread only when it must ask the database.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from functools import lru_cache
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from service.auth import Principal, authenticate
+from service.auth import Principal
 from service.datasets.schemas import error_responses
 from service.db.artifacts import ArtifactStore, open_store
 from service.db.models import MAX_ID
@@ -23,6 +23,9 @@ from service.db.session import session_factory
 from service.errors import ApiError
 from service.rate_limit import enforce as enforce_rate_limit
 from service.settings import Settings
+
+if TYPE_CHECKING:  # at run time it is on app.state; lookups imports the model service
+    from service.lookups import Lookups
 
 
 async def app_settings(request: Request) -> Settings:
@@ -76,7 +79,8 @@ def bearer_token(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def current_principal(request: Request, session: SessionDep) -> Principal:
+async def current_principal(request: Request) -> Principal:
+    """The caller, from its API key (read through `lookups`: most requests skip the database)."""
     token = bearer_token(request)
     if token is None:
         raise ApiError(
@@ -85,22 +89,22 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
             "missing API key: send 'Authorization: Bearer <key>' (create one with "
             "`bit admin create-key`)",
         )
-    principal = authenticate(session, token)
-    # End the read transaction: it would hold a pooled connection for the rest of the
-    # request (an upload, a forward), and with more requests in flight than the pool has
-    # connections, they would all wait on each other. The next query takes one again.
-    session.commit()
+    lookups: Lookups = request.app.state.lookups
+    # Its own session, closed once read: a request's session would hold a pooled connection
+    # for the rest of the request (an upload, a forward), and with more requests in flight
+    # than the pool has connections, they would all wait on each other.
+    principal = await lookups.principal(token)
     if principal is None:
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked")
     request.state.principal = principal
-    enforce_rate_limit(request, principal)  # every authenticated route: one place
+    await enforce_rate_limit(request, principal)  # every authenticated route: one place
     return principal
 
 
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
-def admin_principal(principal: CurrentUser) -> Principal:
+async def admin_principal(principal: CurrentUser) -> Principal:
     if not principal.is_admin:
         raise ApiError(403, "admin_required", "this action needs an admin API key")
     return principal

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import redis
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 
 from service.auth import Principal
 from service.errors import ApiError
@@ -163,8 +164,12 @@ def install(app: FastAPI) -> None:
     app.state.rate_limiter = limiter_for(app.state.settings)
 
 
-def enforce(request: Request, principal: Principal) -> None:
+async def enforce(request: Request, principal: Principal) -> None:
     """Spend one of the caller's tokens; called once the API key is authenticated."""
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
-    if limiter is not None:
-        limiter.check(principal)
+    if limiter is None:
+        return
+    if isinstance(limiter.buckets, LocalBuckets):
+        limiter.check(principal)  # a dict under a lock: no I/O, no thread needed
+    else:
+        await run_in_threadpool(limiter.check, principal)  # a Redis round trip

@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     # refilled at `rate_limit_per_minute` (0: no limit). In Redis when the broker is Redis.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)
+    # How long an API process trusts an API key or model it has read (service/lookups.py):
+    # a key revoked or a model archived by another process is refused here at most this
+    # long after. 0 reads the database on every request.
+    lookup_cache_s: float = Field(default=1.0, ge=0, le=60)
 
     # Inference.
     model_cache_bytes: int = 2 * 1024**3

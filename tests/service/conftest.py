@@ -96,3 +96,13 @@ def other_tenant_headers(settings: Settings) -> dict[str, str]:
 @pytest.fixture
 def admin_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {new_key(settings, 'admin', 'acme')}"}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One saved model directory (a tiny trained model), copied into each test's store."""
+    from tests.service.test_inference import save_tiny_model
+
+    directory = tmp_path_factory.mktemp("template") / "model"
+    save_tiny_model(directory, seed=1)
+    return directory

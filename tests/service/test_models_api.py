@@ -15,21 +15,13 @@ from service.db.artifacts import LocalArtifactStore
 from service.db.models import Job, Model
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.service.test_inference import CLASSES, png_bytes, save_tiny_model
+from tests.service.test_inference import CLASSES, png_bytes
 
 
 @pytest.fixture(autouse=True)
 def cpu_inference(settings: Settings) -> None:
     """Answers are compared with a CPU Predictor to 1e-5; CUDA's bf16 would not match."""
     settings.device = "cpu"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One saved model directory, copied into each test's artifact store."""
-    directory = tmp_path_factory.mktemp("template") / "model"
-    save_tiny_model(directory, seed=1)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from service.deps import (
     StoreDep,
 )
 from service.inference import InferenceDep
+from service.lookups import LookupsDep
 from service.models import service
 from service.models.schemas import ModelPage, ModelRead
 
@@ -72,12 +73,17 @@ def get_model(model_id: IdPath, session: SessionDep, principal: CurrentUser) -> 
     "/{model_id}/archive", response_model=ModelRead, summary="Archive a model", responses=NOT_FOUND
 )
 def archive_model(
-    model_id: IdPath, session: SessionDep, principal: CurrentUser, inference: InferenceDep
+    model_id: IdPath,
+    session: SessionDep,
+    principal: CurrentUser,
+    lookups: LookupsDep,
+    inference: InferenceDep,
 ) -> ModelRead:
     """Stop serving a model (predict answers 409) and free its memory; files are kept."""
     model = service.archive_model(session, principal=principal, model_id=model_id)
-    # Only this process's cache: other API processes still refuse it, since predict reads
-    # the row's status on every call; their copy just ages out of their LRU.
+    # Only this process's caches: other API processes refuse it once their lookup of it
+    # expires (BIT_LOOKUP_CACHE_S), and their loaded copy ages out of their LRU.
+    lookups.forget_model(model_id)
     inference.evict(model_id)
     return ModelRead.model_validate(model)
 
@@ -88,9 +94,11 @@ def delete_model(
     session: SessionDep,
     principal: CurrentUser,
     store: StoreDep,
+    lookups: LookupsDep,
     inference: InferenceDep,
 ) -> Response:
     """Delete a model and its files, for good."""
     service.delete_model(session, principal=principal, model_id=model_id, store=store)
+    lookups.forget_model(model_id)
     inference.evict(model_id)
     return Response(status_code=204)

@@ -12,10 +12,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.db.models import MAX_ID, Model
-from service.deps import AUTH_RESPONSES, CurrentUser, SessionDep, SettingsDep
+from service.db.models import MAX_ID
+from service.deps import AUTH_RESPONSES, CurrentUser, SettingsDep
 from service.errors import ApiError
 from service.inference import InferenceDep
+from service.lookups import LookupsDep
 from service.models import service
 from service.models.schemas import (
     ImagePrediction,
@@ -154,9 +155,9 @@ def _decode_all(encoded: list[str], max_bytes: int) -> list[bytes]:
 )
 async def predict(
     request: Request,
-    session: SessionDep,
     principal: CurrentUser,
     settings: SettingsDep,
+    lookups: LookupsDep,
     inference: InferenceDep,
 ) -> PredictResponse:
     """Top-k classes per image: multipart `files` + `model_id`, or JSON base64 `images`."""
@@ -174,23 +175,15 @@ async def predict(
             "(model_id, files, top_k) or application/json (model_id, images as base64, top_k)",
         )
 
-    def lookup() -> Model:
-        model = service.model_for_prediction(session, principal=principal, model_id=inputs.model_id)
-        session.commit()  # hand the connection back: the forward may take seconds
-        return model
-
-    # The session is synchronous: query it on a thread, not on the event loop.
-    model = await run_in_threadpool(lookup)
+    model = await lookups.model(principal, inputs.model_id)
     if inputs.encoded is not None:  # up to max_upload_bytes of base64: decode off the loop
         inputs.sources = await run_in_threadpool(
             _decode_all, inputs.encoded, settings.max_image_bytes
         )
-    results = await inference.predict(
-        service.model_ref(model), inputs.sources, inputs.names, top_k=inputs.top_k
-    )
+    results = await inference.predict(model.ref, inputs.sources, inputs.names, top_k=inputs.top_k)
     return PredictResponse(
-        model_id=model.id,
-        model_version=model_version(model.sha256),
+        model_id=model.ref.id,
+        model_version=model_version(model.ref.sha256),
         predictions=[
             ImagePrediction(
                 filename=filename,
