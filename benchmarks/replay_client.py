@@ -36,6 +36,7 @@ def encode(request: httpx.Request) -> bytes:
 class Answer:
     status: int
     body: bytes
+    headers: dict[str, str]  # names and values lowercased
 
 
 class ReplayConnection:
@@ -56,17 +57,17 @@ class ReplayConnection:
             writer.write(raw)
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
-            status, length, closes = _parse_head(head)
-            body = await reader.readexactly(length)
+            status, headers = _parse_head(head)
+            body = await reader.readexactly(int(headers["content-length"]))
         except ReplayError:
             await self.close()
             raise
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
             await self.close()
             raise ReplayError(f"{type(exc).__name__}: {exc}") from exc
-        if closes:
+        if headers.get("connection") == "close":
             await self.close()
-        return Answer(status, body)
+        return Answer(status, body, headers)
 
     async def close(self) -> None:
         if self._streams is not None:
@@ -77,8 +78,8 @@ class ReplayConnection:
                 await writer.wait_closed()
 
 
-def _parse_head(head: bytes) -> tuple[int, int, bool]:
-    """(status, Content-Length, whether the server closes the connection)."""
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """(status, headers); the headers hold a Content-Length."""
     lines = head.decode("latin-1").split("\r\n")
     try:
         status = int(lines[0].split(" ", 2)[1])
@@ -90,4 +91,4 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
         headers[name.strip().lower()] = value.strip().lower()
     if "content-length" not in headers:
         raise ReplayError("answer without Content-Length (chunked bodies are not read)")
-    return status, int(headers["content-length"]), headers.get("connection") == "close"
+    return status, headers

@@ -146,6 +146,7 @@ class Load:
 
     latencies: list[float]
     server_ms: list[float]  # the answer's own `time_ms` (inside the route)
+    stages: list[dict[str, float]]  # the answer's Server-Timing: decode, wait, forward, total
     errors: list[str]  # non-200 answers: status and when
     wall_s: float
     client_cores: float  # this process's CPU (HTTP client) / wall
@@ -165,10 +166,21 @@ def _batch_counters(client: httpx.Client) -> tuple[float, float]:
     return float(found.get("count", 0)), float(found.get("sum", 0))
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """`decode;dur=1.20, forward;dur=22.10` -> {"decode": 1.2, "forward": 22.1} (ms)."""
+    stages = {}
+    for part in header.split(","):
+        name, _, duration = part.strip().partition(";dur=")
+        if name and duration:
+            stages[name] = float(duration)
+    return stages
+
+
 async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
     service = api.service
     latencies: list[float] = []
     server_ms: list[float] = []
+    stages: list[dict[str, float]] = []
     errors: list[str] = []
     todo = iter(range(requests))
     raw = encode(
@@ -195,6 +207,7 @@ async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Loa
                 continue
             latencies.append(time.perf_counter() - began)
             server_ms.append(float(json.loads(answer.body)["time_ms"]))
+            stages.append(server_timing(answer.headers.get("server-timing", "")))
 
     own = resource.getrusage(resource.RUSAGE_SELF)
     server0, began = process_cpu_s(api.pid), time.perf_counter()
@@ -206,7 +219,8 @@ async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Loa
         server = process_cpu_s(api.pid) - server0
         await asyncio.gather(*(c.close() for c in connections))
     client_s = own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime
-    return Load(latencies, server_ms, errors, wall, client_s / wall, server / wall, (0.0, 0.0))
+    cores = (client_s / wall, server / wall)
+    return Load(latencies, server_ms, stages, errors, wall, *cores, (0.0, 0.0))
 
 
 def burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
@@ -246,6 +260,16 @@ class ServiceResult:
     def server_ms(self) -> float | None:
         values = [t for load in self.loads for t in load.server_ms]
         return statistics.median(values) if values else None
+
+    def per_request_ms(self, stage: str | None = None) -> list[float]:
+        """Each answered request's latency less its own forward (stage None), or one
+        Server-Timing stage of it; ms."""
+        values = []
+        for load in self.loads:
+            for latency, stages in zip(load.latencies, load.stages, strict=True):
+                if "forward" in stages:
+                    values.append(stages[stage] if stage else 1000 * latency - stages["forward"])
+        return values
 
     @property
     def errors(self) -> list[str]:
@@ -332,7 +356,24 @@ def report(
                 f"the decode and forward threads); +{p50 - result.server_ms:.1f} ms is "
                 "HTTP, middleware and the API-key check, outside it."
             )
+        if result is not None and result.per_request_ms():
+            targets.append(per_request_line(result, b1))
     return "\n".join(lines), "\n".join(failures + targets)
+
+
+def per_request_line(result: ServiceResult, model_ms: float) -> str:
+    """The overhead request by request, from each answer's Server-Timing: free of the
+    difference between two processes' forwards that the side-by-side figure includes."""
+    rest = statistics.median(result.per_request_ms())
+    forward = statistics.median(result.per_request_ms("forward"))
+    decode = statistics.median(result.per_request_ms("decode"))
+    met = "met" if rest / forward <= TARGET_OVERHEAD else "NOT met"
+    return (
+        f"  Request by request (Server-Timing): latency less the request's own forward, p50 "
+        f"+{rest:.1f} ms = {rest / forward:.0%} of its forward (p50 {forward:.1f} ms; the "
+        f"image's decode is {decode:.1f} ms of it): **{met}**. The forward in the API "
+        f"process took {forward / model_ms:.0%} of the model-only time."
+    )
 
 
 # --- main -------------------------------------------------------------------------------------

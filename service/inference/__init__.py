@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from service.errors import ApiError
 from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store
 from service.inference.threads import to_fresh_thread
+from service.inference.timing import PredictTiming
 from service.settings import Settings
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "InferenceDep",
     "ModelCache",
     "ModelRef",
+    "PredictTiming",
     "batched_forward",
     "forward_rows",
     "get_inference",
@@ -50,6 +53,11 @@ __all__ = [
 # predicts of 32 images at 128 px went from 33 to 48 images/s (same run, interleaved).
 # A GPU wants whole batches: no limit there.
 CPU_FORWARD_PIXELS = 8 * 128 * 128
+
+
+# A lone request decodes on the forward thread (Batcher.run_alone) only up to this size:
+# a call arriving meanwhile waits for that decode too (a 256 KB JPEG: ≈ 5 ms on a core).
+ALONE_DECODE_BYTES = 256 * 1024
 
 
 def forward_rows(predictor: Predictor) -> int | None:
@@ -113,9 +121,15 @@ class Inference:
         return await to_fresh_thread(partial(self.cache.get, ref), name=f"bit-load-{ref.id}")
 
     async def predict(
-        self, ref: ModelRef, sources: list[bytes], names: list[str], *, top_k: int
+        self,
+        ref: ModelRef,
+        sources: list[bytes],
+        names: list[str],
+        *,
+        top_k: int,
+        timing: PredictTiming | None = None,
     ) -> list[list[Prediction]]:
-        """Top-k predictions per image, in input order.
+        """Top-k predictions per image, in input order; `timing` gets the stages' times.
 
         Images go through in chunks of one batch: chunks decode in parallel on the decode
         threads and each is queued for a forward as soon as it is ready, so decoding a
@@ -126,19 +140,36 @@ class Inference:
         loop = asyncio.get_running_loop()
         step = self.batcher.max_batch_size
 
-        def chunk(start: int) -> Awaitable[torch.Tensor]:
-            # Typed as preprocess takes them (lists are invariant).
-            chunk_sources: list[ImageSource] = [*sources[start : start + step]]
+        decode_s: list[float] = []  # appended to by the decode threads (atomic)
+
+        def decode(start: int) -> torch.Tensor:
+            chunk_sources: list[ImageSource] = [*sources[start : start + step]]  # invariant
             chunk_names: list[str] | None = names[start : start + step]
-            rows = loop.run_in_executor(
-                self._decode, predictor.preprocess, chunk_sources, chunk_names
-            )
+            began = time.perf_counter()
+            try:
+                return predictor.preprocess(chunk_sources, chunk_names)
+            finally:
+                decode_s.append(time.perf_counter() - began)
+
+        # A small request that finds nothing else to do decodes on the forward thread.
+        alone = (
+            len(sources) <= step
+            and sum(map(len, sources)) <= ALONE_DECODE_BYTES
+            and self.batcher.idle()
+        )
+
+        def chunk(start: int) -> Awaitable[torch.Tensor]:
+            if alone:
+                return self.batcher.run_alone(forward, partial(decode, start), timing)
+            rows = loop.run_in_executor(self._decode, decode, start)
             # Handed over while decoding: a batch of this model waits for it.
-            return self.batcher.run(ref.id, forward, rows)
+            return self.batcher.run(ref.id, forward, rows, timing)
 
         results = await asyncio.gather(
             *(chunk(start) for start in range(0, len(sources), step)), return_exceptions=True
         )
+        if timing is not None:
+            timing.decode_s += sum(decode_s)
         # The first failure in input order, so the error names the first bad file.
         for result in results:
             if isinstance(result, ImageDecodeError):

@@ -24,7 +24,7 @@ from bit_core.checkpoint import WEIGHTS_FILE, ModelInfo, save_model
 from bit_core.predict import Predictor
 from service.db.artifacts import LocalArtifactStore
 from service.errors import ApiError
-from service.inference import Inference
+from service.inference import Inference, PredictTiming
 from service.inference.batcher import Batcher
 from service.inference.cache import ModelCache, ModelRef, load_from_store, predictor_bytes
 from service.metrics import REGISTRY
@@ -175,6 +175,37 @@ def test_calls_arriving_during_a_forward_form_the_next_batch(
     results = asyncio.run(main())
     assert forward.sizes == [1, 5]  # 6 calls, 2 forwards
     assert all(torch.allclose(r, one_by_one[i : i + 1], atol=1e-5) for i, r in enumerate(results))
+
+
+def test_each_call_gets_its_wait_and_its_forwards_time(predictor: Predictor, rows: torch.Tensor):
+    forward = Recorder(predictor, hold_first=True)
+    timings = [PredictTiming() for _ in range(3)]
+
+    async def main() -> float:
+        batcher = Batcher(max_batch_size=32, max_wait_s=0.0)
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1], timings[0]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        rest = [
+            asyncio.create_task(batcher.run("m", forward, rows[i : i + 1], timings[i]))
+            for i in (1, 2)
+        ]
+        await until(lambda: batcher.queued("m") == 2)
+        held_from = time.perf_counter()  # both queued: from here on they wait for the first
+        await asyncio.to_thread(lambda: None)  # a round trip to a thread: held a while
+        held = time.perf_counter() - held_from
+        forward.release.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), TIMEOUT_S)
+        await batcher.aclose()
+        return held
+
+    held = asyncio.run(main())
+    assert forward.sizes == [1, 2]
+    assert timings[0].forward_s >= held and timings[0].wait_s < timings[0].forward_s
+    # The two queued calls shared the second forward and waited out the first.
+    assert timings[1].forward_s == timings[2].forward_s > 0
+    assert min(timings[1].wait_s, timings[2].wait_s) >= held
+    header = timings[1].header(0.25)
+    assert header.startswith("decode;dur=0.00, wait;dur=") and header.endswith("total;dur=250.00")
 
 
 def test_a_lone_call_does_not_wait_for_company(predictor: Predictor, rows: torch.Tensor):
@@ -569,6 +600,69 @@ def test_inference_predicts_in_chunks_like_the_predictor(
     for row, reference in zip(result, expected, strict=True):
         for got, want in zip(row, reference, strict=True):
             assert got.probability == pytest.approx(want.probability, abs=1e-5)
+
+
+def test_a_lone_small_predict_decodes_on_the_forward_thread(
+    stored: tuple[LocalArtifactStore, ModelRef], predictor: Predictor, rows: torch.Tensor
+):
+    store, model = stored
+    images = [png_bytes(i, seed=4) for i in range(6)]
+    expected = predictor.predict(images[:1], top_k=2)
+    decoded_on: list[str] = []
+    real_preprocess = Predictor.preprocess
+
+    def recording_preprocess(self: Predictor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        decoded_on.append(threading.current_thread().name.split("_")[0])
+        return real_preprocess(self, *args, **kwargs)
+
+    async def main() -> list[list[bit_core.predict.Prediction]]:
+        inference = Inference(
+            ModelCache(partial(load_from_store, store, device="cpu"), 1 << 30),
+            Batcher(max_batch_size=4, max_wait_s=0.0),
+        )
+        try:
+            alone = await inference.predict(model, images[:1], ["0.png"], top_k=2)
+            await inference.predict(model, images, [f"{i}.png" for i in range(6)], top_k=2)
+            with pytest.raises(ApiError) as bad:
+                await inference.predict(model, [b"not an image"], ["bad.png"], top_k=2)
+            assert bad.value.code == "invalid_image" and bad.value.message.startswith("bad.png:")
+            return alone
+        finally:
+            await inference.aclose()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Predictor, "preprocess", recording_preprocess)
+        alone = asyncio.run(main())
+    # Alone: one hop. Two chunks: decoded in parallel on the decode threads, then batched.
+    assert decoded_on == ["bit-forward", "bit-decode", "bit-decode", "bit-forward"]
+    assert [p.label for p in alone[0]] == [p.label for p in expected[0]]
+    assert alone[0][0].probability == pytest.approx(expected[0][0].probability, abs=1e-5)
+
+
+def test_the_batcher_is_idle_only_with_nothing_running_queued_or_on_its_way(
+    predictor: Predictor, rows: torch.Tensor
+):
+    forward = Recorder(predictor, hold_first=True)
+
+    async def main() -> list[bool]:
+        batcher = Batcher(max_batch_size=32, max_wait_s=TIMEOUT_S)
+        seen = [batcher.idle()]
+        first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
+        assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
+        seen.append(batcher.idle())  # a forward running
+        decoding: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        second = asyncio.create_task(batcher.run("m", forward, decoding))
+        await asyncio.sleep(0)  # one turn of the loop: the second call starts waiting for rows
+        forward.release.set()
+        await asyncio.wait_for(first, TIMEOUT_S)
+        seen.append(batcher.idle())  # the second call is still on its way
+        decoding.set_result(rows[1:2])
+        await asyncio.wait_for(second, TIMEOUT_S)
+        seen.append(batcher.idle())
+        await batcher.aclose()
+        return seen
+
+    assert asyncio.run(main()) == [True, False, False, True]
 
 
 @pytest.mark.skipif(

@@ -94,6 +94,10 @@ def test_predict_multipart_answers_like_the_predictor(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_id"] == model_id and body["time_ms"] >= 0
+    stages = dict(part.split(";dur=") for part in response.headers["server-timing"].split(", "))
+    assert list(stages) == ["decode", "wait", "forward", "total"]
+    assert float(stages["total"]) == pytest.approx(body["time_ms"], abs=0.01)
+    assert 0 < float(stages["decode"]) + float(stages["forward"]) <= float(stages["total"])
     assert body["model_version"] == read_model_info(template).sha256[:12]
     assert [p["filename"] for p in body["predictions"]] == [f"img{i}.png" for i in range(4)]
     for prediction, expected in zip(
