@@ -151,11 +151,11 @@ class Inference:
             finally:
                 decode_s.append(time.perf_counter() - began)
 
-        # A small request that finds nothing else to do decodes on the forward thread.
+        # A small request, when calls come one at a time, decodes on the forward thread.
         alone = (
             len(sources) <= step
             and sum(map(len, sources)) <= ALONE_DECODE_BYTES
-            and self.batcher.idle()
+            and self.batcher.quiet()
         )
 
         def chunk(start: int) -> Awaitable[torch.Tensor]:

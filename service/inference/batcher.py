@@ -88,6 +88,7 @@ class Batcher:
         self._lanes: dict[Hashable, _Lane] = {}
         self._on_the_way: Counter[Hashable] = Counter()  # calls still awaiting their rows
         self._busy = 0  # forwards handed to the thread and not yet done
+        self._last_calls = 0  # calls the last forward served
         self._closed = False
 
     def queued(self, key: Hashable) -> int:
@@ -193,6 +194,7 @@ class Batcher:
     async def _run_batch(self, batch: list[_Chunk]) -> None:
         if not batch:
             return
+        self._last_calls = len(batch)
         timed: list[tuple[PredictTiming, float | None]] = [
             (c.timing, c.ready_at) for c in batch if c.timing is not None
         ]
@@ -214,9 +216,12 @@ class Batcher:
             if not chunk.future.done():
                 chunk.future.set_result(part)
 
-    def idle(self) -> bool:
-        """No forward running or queued and no call on its way: a call now runs alone."""
-        return not self._busy and not self._on_the_way and not self._lanes
+    def quiet(self) -> bool:
+        """Calls come one at a time: no forward running or queued, no call on its way, and
+        the last forward served a single call. Idle alone is not enough: under load the
+        first call after a batch also finds the thread idle (its company is still being
+        sent or parsed), and running it alone would halve the next batches."""
+        return not self._busy and not self._on_the_way and not self._lanes and self._last_calls <= 1
 
     async def run_alone(
         self,
@@ -225,11 +230,12 @@ class Batcher:
         timing: PredictTiming | None = None,
     ) -> torch.Tensor:
         """`forward(make_rows())` in one job on the forward thread, for a call that found
-        the batcher `idle` with its rows still to make (decode): it saves the hand-offs
+        the batcher `quiet` with its rows still to make (decode): it saves the hand-offs
         from a decode thread back to the loop and on to the forward thread (≈ 0.4 ms of a
         25 ms predict on 2 cores). Calls that come meanwhile queue as usual."""
         if self._closed:
             raise _shutting_down()
+        self._last_calls = 1
         return await self._forward(forward, make_rows, [(timing, None)] if timing else [])
 
     async def _forward(

@@ -639,30 +639,36 @@ def test_a_lone_small_predict_decodes_on_the_forward_thread(
     assert alone[0][0].probability == pytest.approx(expected[0][0].probability, abs=1e-5)
 
 
-def test_the_batcher_is_idle_only_with_nothing_running_queued_or_on_its_way(
+def test_the_batcher_is_quiet_only_when_calls_come_one_at_a_time(
     predictor: Predictor, rows: torch.Tensor
 ):
     forward = Recorder(predictor, hold_first=True)
 
     async def main() -> list[bool]:
         batcher = Batcher(max_batch_size=32, max_wait_s=TIMEOUT_S)
-        seen = [batcher.idle()]
+        seen = [batcher.quiet()]
         first = asyncio.create_task(batcher.run("m", forward, rows[:1]))
         assert await asyncio.to_thread(forward.first_started.wait, TIMEOUT_S)
-        seen.append(batcher.idle())  # a forward running
+        seen.append(batcher.quiet())  # a forward running
         decoding: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         second = asyncio.create_task(batcher.run("m", forward, decoding))
         await asyncio.sleep(0)  # one turn of the loop: the second call starts waiting for rows
         forward.release.set()
         await asyncio.wait_for(first, TIMEOUT_S)
-        seen.append(batcher.idle())  # the second call is still on its way
+        seen.append(batcher.quiet())  # the second call is still on its way
         decoding.set_result(rows[1:2])
         await asyncio.wait_for(second, TIMEOUT_S)
-        seen.append(batcher.idle())
+        seen.append(batcher.quiet())
+        pair = [batcher.run("m", forward, rows[i : i + 1]) for i in (2, 3)]
+        await asyncio.wait_for(asyncio.gather(*pair), TIMEOUT_S)
+        seen.append(batcher.quiet())  # idle, but its last forward served two calls
+        await batcher.run("m", forward, rows[4:5])
+        seen.append(batcher.quiet())
         await batcher.aclose()
         return seen
 
-    assert asyncio.run(main()) == [True, False, False, True]
+    assert asyncio.run(main()) == [True, False, False, True, False, True]
+    assert forward.sizes == [1, 1, 2, 1]
 
 
 @pytest.mark.skipif(
