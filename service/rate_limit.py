@@ -61,6 +61,8 @@ return {allowed, tostring(tokens)}
 class Buckets(Protocol):
     """Where token buckets live; `take` spends one token of `key` if it has one."""
 
+    blocking: bool  # whether `take` waits on I/O (then the event loop must not call it)
+
     def take(self, key: str, *, capacity: float, rate: float) -> tuple[bool, float]:
         """(whether a token was taken, tokens left after the refill)."""
         ...
@@ -68,6 +70,8 @@ class Buckets(Protocol):
 
 class LocalBuckets:
     """Buckets in this process (the embedded mode: one API process)."""
+
+    blocking = False  # a dict under a lock
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -88,6 +92,8 @@ class LocalBuckets:
 
 class RedisBuckets:
     """Buckets in Redis, shared by every API replica on the same Redis."""
+
+    blocking = True  # a round trip to Redis
 
     def __init__(self, url: str, prefix: str = "") -> None:
         # Short timeouts: a request waits at most this long for a Redis that hangs.
@@ -169,7 +175,7 @@ async def enforce(request: Request, principal: Principal) -> None:
     limiter: RateLimiter | None = getattr(request.app.state, "rate_limiter", None)
     if limiter is None:
         return
-    if isinstance(limiter.buckets, LocalBuckets):
-        limiter.check(principal)  # a dict under a lock: no I/O, no thread needed
+    if limiter.buckets.blocking:
+        await run_in_threadpool(limiter.check, principal)
     else:
-        await run_in_threadpool(limiter.check, principal)  # a Redis round trip
+        limiter.check(principal)

@@ -140,7 +140,7 @@ class Inference:
         loop = asyncio.get_running_loop()
         step = self.batcher.max_batch_size
 
-        decode_s: list[float] = []  # appended to by the decode threads (atomic)
+        decode_s: list[float] = []  # appended to by the threads that decode (atomic)
 
         def decode(start: int) -> torch.Tensor:
             chunk_sources: list[ImageSource] = [*sources[start : start + step]]  # invariant
