@@ -45,6 +45,7 @@ test: lint typecheck unit
 bench: install
 	$(BIN)/python benchmarks/engine_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/data_pipeline.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/decode_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/predict_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/service_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/job_walltime.py --out BENCHMARKS.md

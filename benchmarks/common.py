@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import io
 import os
 import platform
 import resource
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 # The service benchmarks reuse the e2e tests' live-service helpers (tests/e2e/live.py); an
 # editable install exposes only the packages, so put the checkout itself on the path.
@@ -316,6 +319,17 @@ def publish(body: str, out: Path | None, tag: str, key: str) -> int:
         write_section(out, tag, key, body)
         log(f"wrote section '{tag}: {key}' in {out}")
     return 0
+
+
+def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A JPEG of smooth colour blobs with noise (compresses and decodes like a photo)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 40 + 1, width // 40 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, 10, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import re
 import resource
@@ -41,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 from common import (
     RoundPolicy,
@@ -49,6 +47,7 @@ from common import (
     _num,
     log,
     percentile,
+    photo_jpeg,
     pick_device,
     process_cpu_s,
     publish,
@@ -57,7 +56,6 @@ from common import (
     section_key,
 )
 from engine_speed import NUM_CLASSES, make_model
-from PIL import Image
 from predict_speed import measure_model
 from replay_client import ReplayConnection, ReplayError, encode
 
@@ -123,18 +121,6 @@ def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module
     api = Api(name, service)
     api.model_id = register_model(home, model, crop)
     return api
-
-
-def test_image(seed: int = 0, size: tuple[int, int] = (320, 240)) -> bytes:
-    """A JPEG of smooth colour blobs with noise (decodes like a small photo)."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    coarse = rng.integers(0, 256, (height // 40 + 1, width // 40 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, dtype=np.float64) + rng.normal(0, 10, (height, width, 3))
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 # --- the load generator -----------------------------------------------------------------------
@@ -444,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     # Raw capacity: the per-key rate limit (600 a minute by default) would cap the load.
     env = {"BIT_DEVICE": device.type, "BIT_RATE_LIMIT_PER_MINUTE": "0"}
     model = make_model("R50x1")
-    image = test_image()
+    image = photo_jpeg(320, 240)
     apis: list[Api] = []
     try:
         log("starting the API processes (batching on, off)")

@@ -14,6 +14,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # 50k x 50k pixels and take 7.5 GB once decoded (a "decompression bomb").
 MAX_PIXELS = 40_000_000
 
+# A JPEG can be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's scaled inverse DCT, several
+# times faster than a full decode (benchmarks/decode_speed.py). Every block is still
+# entropy-decoded, so a truncated or corrupt file fails just as at full scale. A caller
+# that resizes asks for at least this many times its output size, so that its antialiased
+# resize still does the filtering: at 128 to 384 px a photo comes out within 8/255 of a
+# full decode, 0.3/255 on average (tests/bit_core/test_images.py). Pillow's thumbnail()
+# uses the same gap by default.
+REDUCING_GAP = 2
+
 ImageSource = str | os.PathLike[str] | bytes
 
 
@@ -34,7 +43,8 @@ def _source_name(source: ImageSource, name: str | None) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; transparency is composited onto white."""
+    """Any Pillow mode -> 8-bit RGB (an RGB image itself, not a copy); transparency is
+    composited onto white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Pillow's own convert() clips 16-bit values at 255 (a white image); rescale instead.
         array = np.asarray(image, dtype=np.float64)
@@ -47,11 +57,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def open_image(
-    source: ImageSource, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+    source: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode an image file or bytes to an upright RGB Pillow image.
 
@@ -59,6 +73,9 @@ def open_image(
         source: a path or the file's bytes.
         name: how to refer to the image in errors (defaults to the path).
         max_pixels: refuse images declaring more pixels than this, before decoding.
+        min_side: the caller needs only this many pixels on each side: a JPEG at least
+            twice as large is decoded at a reduced scale (see REDUCING_GAP), never below
+            it. None decodes at full size.
 
     Raises:
         ImageDecodeError: not an image, corrupt or truncated, or too large.
@@ -77,9 +94,12 @@ def open_image(
                         "downscale the image and upload it again",
                         code="image_too_large",
                     )
+                if min_side is not None:
+                    side = max(1, min_side)
+                    image.draft(None, (side, side))  # a no-op but for JPEG
                 image.load()
-                upright: Image.Image = ImageOps.exif_transpose(image) or image
-                return _to_rgb(upright)
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when upright
+                return _to_rgb(image)
     except ImageDecodeError:
         raise
     except FileNotFoundError as exc:
@@ -134,7 +154,11 @@ def image_size(
 def load_square(
     source: ImageSource, size: int, *, name: str | None = None, max_pixels: int = MAX_PIXELS
 ) -> np.ndarray:
-    """Decode and resize (aspect not kept, as BiT does) to a uint8 array (3, size, size)."""
-    image = open_image(source, name=name, max_pixels=max_pixels)
+    """Decode and resize (aspect not kept, as BiT does) to a uint8 array (3, size, size).
+
+    Training, evaluation and prediction all decode through here, so they see the same
+    pixels; a large JPEG is decoded at a reduced scale (REDUCING_GAP).
+    """
+    image = open_image(source, name=name, max_pixels=max_pixels, min_side=REDUCING_GAP * size)
     image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))

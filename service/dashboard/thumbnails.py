@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image as PILImage
 
-from bit_core.images import ImageDecodeError, open_image
+from bit_core.images import REDUCING_GAP, ImageDecodeError, open_image
 from service.db.artifacts import ArtifactStore, LocalArtifactStore
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ def placeholder(size: int) -> bytes:
 
 def render(source: str | bytes, size: int, *, max_pixels: int) -> bytes:
     """A JPEG at most `size` px on its longer side (aspect kept, upright, RGB)."""
-    image = open_image(source, name="thumbnail", max_pixels=max_pixels)
+    image = open_image(
+        source, name="thumbnail", max_pixels=max_pixels, min_side=REDUCING_GAP * size
+    )
     image.thumbnail((size, size), PILImage.Resampling.LANCZOS)
     return encode_jpeg(image)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from bit_core.images import ImageDecodeError, image_size, load_square, open_image
+from bit_core.images import (
+    ImageDecodeError,
+    image_size,
+    load_square,
+    open_image,
+)
 
 EXIF_ORIENTATION = 0x0112
 
@@ -23,6 +29,34 @@ def _encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **params)
     return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=4)
+def _photo(height: int, width: int, seed: int = 0) -> Image.Image:
+    """Photo-like content: smooth shading, hard-edged discs and sensor-like noise (made
+    once per size: callers must not change it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = np.stack(
+        [128 + 100 * np.sin(x / (37 + 11 * c) + y / (53 + 7 * c)) for c in range(3)], axis=-1
+    )
+    for _ in range(30):
+        cx, cy, r = rng.integers(0, width), rng.integers(0, height), rng.integers(10, width // 6)
+        pixels[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    pixels += rng.normal(0, 8, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=2)
+def _large_jpeg(kind: str) -> bytes:
+    image = _photo(1800, 2400) if kind == "photo" else _gradient_rgb(1800, 2400)
+    return _encoded(image, "JPEG", quality=90)
+
+
+def _full_decode_square(data: bytes, size: int) -> np.ndarray:
+    """load_square's result without the reduced-scale decode (the reference)."""
+    image = open_image(data).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image).transpose(2, 0, 1)
 
 
 # --- EXIF orientation -------------------------------------------------------------------
@@ -250,6 +284,67 @@ def test_load_square_returns_uint8_chw(tmp_path: Path) -> None:
     assert array.shape == (3, 24, 24)
     assert array.flags["C_CONTIGUOUS"]
     assert array[:, 12, 12].tolist() == [200, 100, 50]  # channels first
+
+
+@pytest.mark.parametrize("size", [128, 160, 384])
+@pytest.mark.parametrize("kind", ["photo", "noise"])
+def test_load_square_of_a_large_jpeg_is_within_a_few_levels_of_a_full_decode(
+    kind: str, size: int
+) -> None:
+    # 2400 x 1800: decoded at 1/4 for 128 and 160 px, at 1/2 for 384.
+    data = _large_jpeg(kind)
+    reduced = load_square(data, size).astype(np.int16)
+    difference = np.abs(reduced - _full_decode_square(data, size))
+    assert difference.max() <= 8, difference.max()
+    # Pure noise is the worst case: all of it is detail the two filters treat differently.
+    assert difference.mean() < (0.5 if kind == "photo" else 1.5), difference.mean()
+
+
+@pytest.mark.parametrize(
+    "width,height,min_side,expected",
+    [
+        (2400, 1800, 128, (300, 225)),  # 1/8: 1800 // 128 = 14
+        (2400, 1800, 320, (600, 450)),  # 1/4: 1800 // 320 = 5
+        (2400, 1800, 768, (1200, 900)),  # 1/2: 1800 // 768 = 2
+        (2400, 1800, 1000, (2400, 1800)),  # full: 1800 // 1000 = 1
+        (320, 240, 256, (320, 240)),  # a small image is never scaled up or down
+        (4000, 16, 8, (2000, 8)),  # the shorter side decides
+    ],
+)
+def test_min_side_decodes_a_jpeg_at_a_reduced_scale_never_below_it(
+    width: int, height: int, min_side: int, expected: tuple[int, int]
+) -> None:
+    data = _encoded(_photo(height, width), "JPEG")
+    image = open_image(data, min_side=min_side)
+    assert image.size == expected
+    assert min(image.size) >= min(min_side, width, height)
+    assert image.mode == "RGB"
+
+
+def test_min_side_leaves_other_formats_at_full_size() -> None:
+    data = _encoded(_photo(600, 800), "PNG")
+    assert open_image(data, min_side=64).size == (800, 600)
+
+
+def test_a_reduced_scale_decode_still_applies_exif_orientation() -> None:
+    wide = _photo(600, 1600)  # stored landscape, displayed portrait (orientation 6)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    data = _encoded(wide, "JPEG", exif=exif.tobytes())
+    full = open_image(data)
+    reduced = open_image(data, min_side=150)  # 600 // 150 = 4
+    assert full.size == (600, 1600)
+    assert reduced.size == (150, 400)
+    expected = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(reduced, dtype=np.int16) - expected).mean() < 2.0
+
+
+@pytest.mark.parametrize("min_side", [1, 128])
+def test_a_truncated_jpeg_fails_at_a_reduced_scale_too(min_side: int) -> None:
+    data = _large_jpeg("photo")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated") as caught:
+        open_image(data[: len(data) * 3 // 4], name="cut.jpg", min_side=min_side)
+    assert caught.value.code == "invalid_image"
 
 
 def test_load_square_from_bytes_of_grayscale() -> None:

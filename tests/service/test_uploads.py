@@ -87,11 +87,21 @@ def expect_refused(
 # --- loose files -----------------------------------------------------------------------------
 
 TRUNCATED_PNG = png(64, 64)[:200]
+
+
+def truncated_jpeg() -> bytes:
+    """Half of a noise JPEG: checked at 1/8 scale, its missing blocks must still fail it."""
+    buffer = io.BytesIO()
+    PILImage.frombytes("RGB", (96, 96), bytes(range(256)) * 108).save(buffer, "JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
 BAD_IMAGES = {
     "text": ("notes.txt", b"just some text\n"),
     "svg": ("logo.png", b'<svg xmlns="http://www.w3.org/2000/svg"><rect/></svg>'),
     "html": ("page.jpg", b"<!doctype html><html><body><img src=x></body></html>"),
     "truncated": ("cut.png", TRUNCATED_PNG),
+    "truncated jpeg": ("cut.jpg", truncated_jpeg()),
     "empty": ("empty.png", b""),
 }
 
