@@ -1,20 +1,33 @@
 #!/bin/bash
-# The GPU checks and figures of issue 6 in one device call, for a session lent a GPU.
+# The GPU checks and figures of issue 6, for a session lent a GPU, in two device calls:
 #
-#   bash benchmarks/gpu_checks.sh        # from the repository root, on the GPU machine
+#   bash benchmarks/gpu_checks.sh tests engine predict   # ~9 min
+#   bash benchmarks/gpu_checks.sh service data           # ~4 min; needs .whl (below)
 #
-# Needs only what bit_core needs (torch, numpy, pillow, safetensors, tqdm; timm for its
-# rows), which the lent machines' image has. Each step has its own time limit so that
-# one hang cannot eat the lease; the whole script stays under about 9 minutes. Results:
-# $OUT (default /tmp/gpu_out): BENCHMARKS.md with the new GPU sections, one log per step,
-# summary.txt with each step's exit status. Not run yet: no GPU was lent so far.
+# from the repository root on the GPU machine (no step named: the first three). Between
+# the calls, copy the returned BENCHMARKS.md over the repository's, so that the second
+# call adds its sections to the first's.
+#
+# tests, engine, predict and data need only what bit_core needs (torch, numpy, pillow,
+# safetensors, tqdm; timm for its rows), which the lent machines' image has. service runs
+# the API there, whose packages the image lacks: fetch them here first with
+# `bash benchmarks/gpu_wheels.sh` (into .whl/, which git ignores) and name `.whl` in the
+# call's carry; this script installs them with pip, offline, before the step.
+#
+# Each step has its own time limit, so that one hang cannot eat the lease. Results: $OUT
+# (default /tmp/gpu_out): BENCHMARKS.md with the new GPU sections, one log per step,
+# summary.txt with each step's exit status. DEVICE=cpu rehearses the steps on a CPU
+# machine (with python3 an environment like the GPU machine's). Not run on a GPU yet: no
+# GPU was lent so far.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
+device=${DEVICE:-cuda}
 out=${OUT:-/tmp/gpu_out}
 mkdir -p "$out"
 cp BENCHMARKS.md "$out/BENCHMARKS.md"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.txt" 2>&1
-python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())' >>"$out/gpu.txt" 2>&1
+python3 -c 'import torch as t; print(t.__version__, t.cuda.is_available() and t.cuda.get_device_name())' \
+    >>"$out/gpu.txt" 2>&1
 
 step() {  # step NAME SECONDS COMMAND...: run it, keep its log and exit status
     local name=$1 limit=$2
@@ -23,10 +36,43 @@ step() {  # step NAME SECONDS COMMAND...: run it, keep its log and exit status
     echo "$name: exit $?" >>"$out/summary.txt"
 }
 
-quiet="--max-load 100 --load-retries 0"  # a fresh machine: no load gate
-step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/bit_core
-step engine 270 python3 benchmarks/engine_speed.py --device cuda --quick --compile \
-    --out "$out/BENCHMARKS.md" $quiet
-step predict 120 python3 benchmarks/predict_speed.py --device cuda --quick \
-    --out "$out/BENCHMARKS.md" $quiet
+quiet="--max-load 100 --load-retries 0 --block-waits 0"  # a fresh machine: no load gate
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(tests engine predict)
+for name in "${steps[@]}"; do
+    case $name in
+    tests)
+        step tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/bit_core
+        ;;
+    engine)
+        step engine 270 python3 benchmarks/engine_speed.py --device "$device" --quick --compile \
+            --out "$out/BENCHMARKS.md" $quiet
+        ;;
+    predict)
+        step predict 120 python3 benchmarks/predict_speed.py --device "$device" --quick \
+            --out "$out/BENCHMARKS.md" $quiet
+        ;;
+    service)
+        if [ ! -f .whl/requirements.txt ]; then
+            echo "service: skipped, no .whl/requirements.txt (run gpu_wheels.sh here)" \
+                >>"$out/summary.txt"
+            continue
+        fi
+        # Into the machine's own environment (bare, and given back after the session): pip
+        # adds only what is missing there, from the carried wheels.
+        step service_install 60 python3 -m pip install --no-index --find-links .whl \
+            -r .whl/requirements.txt
+        step service 150 python3 benchmarks/service_speed.py --device "$device" --quick \
+            --out "$out/BENCHMARKS.md" $quiet
+        ;;
+    data)
+        step data 120 python3 benchmarks/data_pipeline.py --device "$device" --quick \
+            --out "$out/BENCHMARKS.md" $quiet
+        ;;
+    *)
+        echo "unknown step '$name': tests, engine, predict, service or data" >&2
+        exit 2
+        ;;
+    esac
+done
 cat "$out/summary.txt"
