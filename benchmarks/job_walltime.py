@@ -50,8 +50,9 @@ from common import (
 )
 from PIL import Image
 
-from tests.e2e.live import LiveService, wait_for
+from tests.e2e.live import LiveService
 from tests.factories import draw_example, make_bit_npz
+from tests.polling import wait_for
 
 TAG = "job_walltime"
 CLASSES = 10

@@ -17,7 +17,7 @@ from bit_core.pretrain_run import write_spec
 from bit_core.train import RunConfig
 from bit_core.upstream import upstream_plan
 from bit_core.upstream_data import UpstreamImages
-from tests.e2e.live import free_port, wait_for
+from tests.polling import free_port, wait_for
 
 
 def test_bit_s_recipe_matches_the_paper():

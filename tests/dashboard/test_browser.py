@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from tests.dashboard.conftest import LiveDashboard, png
-from tests.e2e.live import labeled_uploads, wait_for
+from tests.e2e.live import labeled_uploads
+from tests.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

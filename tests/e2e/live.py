@@ -10,8 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,23 +19,7 @@ from PIL import Image
 
 from service.cli import worker_command
 from tests.factories import CLASS_STYLES, draw_example
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)  # polling interval between checks, bounded by the deadline
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+from tests.polling import free_port, wait_for
 
 
 def png_bytes(style: str, colour: tuple[int, int, int], seed: int) -> bytes:

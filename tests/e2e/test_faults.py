@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import service_env
-from tests.e2e.live import LiveService, free_port, labeled_uploads, start_redis, wait_for
+from tests.e2e.live import LiveService, labeled_uploads, start_redis
+from tests.polling import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

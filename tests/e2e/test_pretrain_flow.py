@@ -70,7 +70,7 @@ def test_worker_killed_during_pretraining_resumes_without_a_second_run(tmp_path,
     import uuid
 
     from tests.e2e.conftest import service_env
-    from tests.e2e.live import wait_for
+    from tests.polling import wait_for
 
     env = service_env(
         tmp_path,

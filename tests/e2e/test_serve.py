@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import service_env
-from tests.e2e.live import free_port, labeled_uploads, wait_for
+from tests.e2e.live import labeled_uploads
+from tests.polling import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 

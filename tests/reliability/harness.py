@@ -36,7 +36,8 @@ from sqlalchemy.pool import NullPool
 from bit_core.checkpoint import load_training_state
 from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, Model
 from service.jobs.lifecycle import TERMINAL
-from tests.e2e.live import LiveService, wait_for
+from tests.e2e.live import LiveService
+from tests.polling import wait_for
 from tests.service.conftest import POSTGRES_ADMIN_URL
 
 # --- holding a process at the moment it opens a file ----------------------------------------

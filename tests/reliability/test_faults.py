@@ -27,8 +27,9 @@ import pytest
 from service.db.models import Job
 from service.jobs.lifecycle import TERMINAL
 from tests.e2e.conftest import service_env
-from tests.e2e.live import LiveService, free_port, labeled_uploads, start_redis, wait_for
+from tests.e2e.live import LiveService, labeled_uploads, start_redis
 from tests.e2e.test_faults import submit
+from tests.polling import free_port, wait_for
 from tests.reliability import figures
 from tests.reliability.harness import (  # noqa: F401 (fresh_database: a fixture)
     FileGate,

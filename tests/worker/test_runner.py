@@ -23,8 +23,9 @@ from service.db.models import Image, Job, JobMetric, Model, utcnow
 from service.db.session import session_scope
 from service.jobs.service import create_finetune_job
 from service.settings import Settings
-from tests.e2e.live import png_bytes, wait_for
+from tests.e2e.live import png_bytes
 from tests.factories import CLASS_STYLES
+from tests.polling import wait_for
 from tests.worker.webhook_receiver import webhook_receiver
 from worker.runner import run_finetune_job
 
