@@ -8,13 +8,17 @@ is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled inverse DCT), never below
 from the service benchmark's 320×240 up to a 12 MP phone photo, interleaved round by round:
 
 * before: the code until 2026-12-02: a full-size decode, a copy for the EXIF rotation and
-  another for the RGB conversion (each a fresh buffer: 36 MB at 12 MP), then the resize;
-* full: `open_image(data)` at full size (no copies), then the same resize;
-* reduced: `load_square(data, size)`, as training, evaluation and prediction call it;
+  another for the RGB conversion (each a fresh buffer: 36 MB at 12 MP), then Pillow's
+  bilinear resize;
+* full: `open_image(data)` at full size (no copies), then `resize_square` (torch's uint8
+  kernel for the same filter, on x86 with AVX2);
+* reduced: `load_square(data, size)`, as training, evaluation and prediction call it: the
+  same as full, from a reduced-scale decode;
 * the upload check: the same three, without the resize; `reduced` is
   `open_image(data, min_side=1)` (the smallest scale).
 
-The pixel columns compare reduced with full (0-255 levels; before and full are equal).
+The pixel columns compare reduced with before: how far what the model sees now is from
+what it saw (0-255 levels).
 Pillow decodes on the calling thread, so these are per-core figures: a 2-core machine
 does about twice as many at once.
 
@@ -50,7 +54,7 @@ from common import (
 )
 from PIL import Image, ImageOps
 
-from bit_core.images import REDUCING_GAP, load_square, open_image
+from bit_core.images import REDUCING_GAP, TORCH_RESIZE, load_square, open_image, resize_square
 
 TAG = "decode_speed"
 # (width, height): the service benchmark's image, a 1.2 MP camera frame, a 12 MP phone photo.
@@ -69,8 +73,8 @@ def open_before(data: bytes) -> Image.Image:
         return upright.convert("RGB")  # another copy when already RGB
 
 
-def square(image: Image.Image, size: int) -> np.ndarray:
-    """The resize and layout of `load_square`."""
+def square_before(image: Image.Image, size: int) -> np.ndarray:
+    """The resize and layout of `load_square` before: Pillow's."""
     image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
 
@@ -84,8 +88,8 @@ def paths(data: bytes, size: int) -> dict[str, Callable[[], object]]:
             "reduced": lambda: open_image(data, min_side=1).close(),
         }
     return {
-        "before": lambda: square(open_before(data), size),
-        "full": lambda: square(open_image(data), size),
+        "before": lambda: square_before(open_before(data), size),
+        "full": lambda: resize_square(open_image(data), size),
         "reduced": lambda: load_square(data, size),
     }
 
@@ -98,7 +102,7 @@ class Row:
     file_kb: int
     size: int
     decoded: tuple[int, int]  # the reduced path's decoded (width, height)
-    mean_level: float | None  # mean |reduced - full| over the output, 0-255
+    mean_level: float | None  # mean |reduced - before| over the output, 0-255
     max_level: int | None
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
@@ -111,9 +115,8 @@ def make_row(photo: tuple[int, int], data: bytes, size: int) -> Row:
     decoded = open_image(data, min_side=side).size
     if size == UPLOAD_CHECK:
         return Row(photo, len(data) // 1024, size, decoded, None, None)
-    full = square(open_image(data), size)
-    assert np.array_equal(full, square(open_before(data), size))
-    difference = np.abs(load_square(data, size).astype(np.int16) - full)
+    before = square_before(open_before(data), size)
+    difference = np.abs(load_square(data, size).astype(np.int16) - before)
     return Row(
         photo, len(data) // 1024, size, decoded, float(difference.mean()), int(difference.max())
     )
@@ -189,12 +192,14 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "- Generated photo-like JPEGs (smooth colour blobs + noise, quality 90). 'before': "
             "the decode until 2026-12-02 (full size, a copy for the EXIF rotation and one for "
-            "the RGB conversion, then the bilinear resize); 'full': the same without the "
-            "copies; 'reduced': `load_square` now (JPEG decoded at 1/2, 1/4 or 1/8 scale, "
-            f"never below {REDUCING_GAP}× the needed size). Upload check: the decode alone, "
+            "the RGB conversion, then Pillow's bilinear resize); 'full': full size, no "
+            "copies, then `resize_square` (torch's uint8 kernel for Pillow's filter: "
+            f"{'used' if TORCH_RESIZE else 'not used, no AVX2'} here); 'reduced': "
+            "`load_square` now (the same from a JPEG decoded at 1/2, 1/4 or 1/8 scale, never "
+            f"below {REDUCING_GAP}× the needed size). Upload check: the decode alone, "
             "'reduced' at the smallest scale. Median time per call over the kept rounds, the "
             f"three paths interleaved, their order rotated; {rounds} kept round(s). "
-            "|Δ|: reduced vs full, in 0-255 levels.",
+            "|Δ|: reduced vs before, in 0-255 levels.",
             "",
             table(rows),
         ]

@@ -63,9 +63,10 @@ class Predictor:
     ) -> torch.Tensor:
         """Decode images to a float batch (N, 3, crop, crop) in [-1, 1] (CPU).
 
-        NumPy only, no torch op: the service runs this on its decode threads, and a torch
-        op big enough to go parallel would make each of them a master of its own OpenMP
-        team, which slows every forward (see service/inference/threads.py).
+        No parallel torch op (NumPy, and the resize's serial uint8 kernel): the service
+        runs this on its decode threads, and a torch op that went parallel would make each
+        of them a master of its own OpenMP team, which slows every forward (see
+        service/inference/threads.py).
         """
         names = names or [None] * len(sources)  # type: ignore[list-item]
         arrays = [

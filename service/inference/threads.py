@@ -10,7 +10,8 @@ So in the API process:
 
 - forwards run on the one forward thread (`Batcher`), the only long-lived team;
 - decode threads and the event loop run no parallel torch op (`Predictor.preprocess` is
-  NumPy; what the loop does with probabilities is far below torch's parallel grain);
+  NumPy and a resize kernel that runs serially, `bit_core.images.TORCH_RESIZE`; what the
+  loop does with probabilities is far below torch's parallel grain);
 - occasional heavy work (loading a model, a dashboard evaluation) runs on a fresh thread
   that exits when done, which takes its team with it.
 

@@ -9,6 +9,7 @@ its own, as in the API process, where it runs the event loop.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import sys
@@ -17,7 +18,9 @@ import time
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from service.dashboard.evaluation import TrainingEvaluations
 from service.db.artifacts import LocalArtifactStore
@@ -27,6 +30,13 @@ from service.inference.cache import ModelCache, ModelRef, load_from_store
 from tests.service.test_inference import png_bytes
 
 SETTLE_S = 10.0  # a team of an exited thread leaves within this
+
+
+def photo_jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (900, 1200, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def native_threads() -> int:
@@ -48,8 +58,9 @@ async def serve(store: LocalArtifactStore, ref: ModelRef) -> dict[str, Any]:
         decode_threads=2,
     )
     before = native_threads()
-    images = [png_bytes(i) for i in range(8)]
-    names = [f"{i}.png" for i in range(8)]
+    # Small PNGs, and photos large enough that their resize would go parallel if it could.
+    images = [png_bytes(i) for i in range(6)] + [photo_jpeg(i) for i in range(2)]
+    names = [f"{i}" for i in range(8)]
     for _ in range(3):  # concurrent calls: decode threads and the forward thread all busy
         await asyncio.gather(*(inference.predict(ref, images, names, top_k=1) for _ in range(3)))
     evaluations = TrainingEvaluations(store.root / "cache")
