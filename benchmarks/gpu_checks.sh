@@ -1,12 +1,15 @@
 #!/bin/bash
 # The GPU checks and figures of issue 6, for a session lent a GPU, in two device calls:
 #
-#   bash benchmarks/gpu_checks.sh tests engine predict   # ~9 min
-#   bash benchmarks/gpu_checks.sh service data           # ~4 min; needs .whl (below)
+#   bash benchmarks/gpu_checks.sh tests engine predict   # at most 7.5 min
+#   bash benchmarks/gpu_checks.sh service data           # at most 5 min; needs .whl (below)
 #
-# from the repository root on the GPU machine (no step named: the first three). Between
-# the calls, copy the returned BENCHMARKS.md over the repository's, so that the second
-# call adds its sections to the first's.
+# from the repository root on the GPU machine (no step named: the first three). A
+# session's 15 device minutes hold both, the machine's start and little else: make the
+# second call at once (the machine stays warm for 30 s), then give it back. Between the
+# calls, copy the returned BENCHMARKS.md over the repository's, so that the second call
+# adds its sections to the first's. `engine101` (R101x1, no compile rows, at most 4 min)
+# is for a session with time left.
 #
 # tests, engine, predict and data need only what bit_core needs (torch, numpy, pillow,
 # safetensors, tqdm; timm for its rows), which the lent machines' image has. service runs
@@ -42,14 +45,18 @@ steps=("$@")
 for name in "${steps[@]}"; do
     case $name in
     tests)
-        step tests 150 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/bit_core
+        step tests 120 python3 -m pytest -q -p no:cacheprovider -o addopts= -m gpu tests/bit_core
         ;;
     engine)
-        step engine 270 python3 benchmarks/engine_speed.py --device "$device" --quick --compile \
+        step engine 240 python3 benchmarks/engine_speed.py --device "$device" --quick --compile \
             --out "$out/BENCHMARKS.md" $quiet
         ;;
+    engine101)
+        step engine101 240 python3 benchmarks/engine_speed.py --device "$device" --quick \
+            --arch R101x1 --no-compile --out "$out/BENCHMARKS.md" $quiet
+        ;;
     predict)
-        step predict 120 python3 benchmarks/predict_speed.py --device "$device" --quick \
+        step predict 90 python3 benchmarks/predict_speed.py --device "$device" --quick \
             --out "$out/BENCHMARKS.md" $quiet
         ;;
     service)
@@ -60,17 +67,17 @@ for name in "${steps[@]}"; do
         fi
         # Into the machine's own environment (bare, and given back after the session): pip
         # adds only what is missing there, from the carried wheels.
-        step service_install 60 python3 -m pip install --no-index --find-links .whl \
+        step service_install 45 python3 -m pip install --no-index --find-links .whl \
             -r .whl/requirements.txt
         step service 150 python3 benchmarks/service_speed.py --device "$device" --quick \
             --out "$out/BENCHMARKS.md" $quiet
         ;;
     data)
-        step data 120 python3 benchmarks/data_pipeline.py --device "$device" --quick \
+        step data 90 python3 benchmarks/data_pipeline.py --device "$device" --quick \
             --out "$out/BENCHMARKS.md" $quiet
         ;;
     *)
-        echo "unknown step '$name': tests, engine, predict, service or data" >&2
+        echo "unknown step '$name': tests, engine, engine101, predict, service or data" >&2
         exit 2
         ;;
     esac
