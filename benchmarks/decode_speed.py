@@ -1,4 +1,4 @@
-"""Decoding user photos: a full decode vs the reduced-scale decode, side by side.
+"""Decoding user photos: the decode before vs the reduced-scale decode now, side by side.
 
 Every image the service handles is decoded by `bit_core.images`: training's preload and
 loader workers, evaluation and the served predictor through `load_square` (decode, then
@@ -18,9 +18,8 @@ from the service benchmark's 320×240 up to a 12 MP phone photo, interleaved rou
   `open_image(data, min_side=1)` (the smallest scale).
 
 The pixel columns compare reduced with before: how far what the model sees now is from
-what it saw (0-255 levels).
-Pillow decodes on the calling thread, so these are per-core figures: a 2-core machine
-does about twice as many at once.
+what it saw (0-255 levels). Decoding and resizing run on the calling thread, so these are
+per-core figures: a 2-core machine does about twice as many at once.
 
 Usage:
     python benchmarks/decode_speed.py                      # ~2 min on 2 CPU cores
@@ -123,7 +122,7 @@ def make_row(photo: tuple[int, int], data: bytes, size: int) -> Row:
 
 
 def time_round(rows: list[Row], photos: dict[tuple[int, int], bytes], index: int) -> None:
-    """Each (photo, size), both paths, in an order rotated by round; ~0.2 s per path."""
+    """Each (photo, size), every path, in an order rotated by round; ~0.2 s per path."""
     for row in rows:
         calls = paths(photos[row.photo], row.size)
         names = list(calls)
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         [
             run.header(
                 "Decoding user photos", args, [policy.note("all rounds", gate)],
-                threads="one decoding thread (Pillow)",
+                threads="one decoding thread",
             ),
             "- Generated photo-like JPEGs (smooth colour blobs + noise, quality 90). 'before': "
             "the decode until 2026-12-02 (full size, a copy for the EXIF rotation and one for "

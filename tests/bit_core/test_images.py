@@ -56,9 +56,9 @@ def _large_jpeg(kind: str) -> bytes:
 
 
 def _full_decode_square(data: bytes, size: int) -> np.ndarray:
-    """load_square's result without the reduced-scale decode (the reference)."""
-    image = open_image(data).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image).transpose(2, 0, 1)
+    """load_square's result without the reduced-scale decode (the reference): the same
+    resize, so that only the decode scale differs."""
+    return resize_square(open_image(data), size)
 
 
 # --- EXIF orientation -------------------------------------------------------------------
