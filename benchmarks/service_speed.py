@@ -8,8 +8,10 @@ the way the worker registers a trained model. This process then sends one-image
 multipart predicts (encoded once by httpx, replayed by replay_client.py, whose own CPU cost
 is a small part of httpx's) at concurrency 1, 8, 32 and 64 (bounded request counts,
 127.0.0.1 only), and in the same rounds the very same model directory is timed alone
-(`Predictor.probabilities` on preprocessed batches of 1, 8, 32, 64). Rounds are
-interleaved and rotated, as in engine_speed.py.
+(`Predictor.probabilities` on preprocessed batches of 1, 8, 32, 64), and so are the two
+endpoints of minimal_api.py at concurrency 1: an empty route, and the smallest predict
+endpoint on the same model (what any Python predict endpoint pays, whatever else it
+does). Rounds are interleaved and rotated, as in engine_speed.py.
 
 Ratios reported against the issue's targets:
 * service images/s at c=64 (batching on) ÷ model-only images/s at batch 64 (≥ 70%);
@@ -28,10 +30,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +69,7 @@ from service.db.models import Model
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.e2e.live import LiveService
+from tests.polling import free_port, wait_for
 from worker.runner import artifact_store
 
 TAG = "service_speed"
@@ -74,6 +79,14 @@ MODEL_KEY = "models/bench"
 TENANT = "e2e"  # the tenant of the key LiveService creates
 TARGET_THROUGHPUT = 0.70
 TARGET_OVERHEAD = 0.15
+# minimal_api.py's two endpoints: their names in the results, their rows in the table.
+REFERENCES = {
+    "empty": ("/empty", "empty route: the same request parsed and answered, nothing computed"),
+    "minimal": (
+        "/v1/predict",
+        "minimal endpoint: form → decode → forward → top-k inline, nothing else",
+    ),
+}
 
 
 # --- the service under test -------------------------------------------------------------------
@@ -114,6 +127,49 @@ class Api:
     def pid(self) -> int:
         return self.service.api.pid if self.service.api is not None else 0
 
+    @property
+    def target(self) -> Target:
+        return Target(self.service.url, "/v1/predict", self.pid, self.model_id, self.service.key)
+
+
+@dataclass
+class Target:
+    """Where a burst's predicts go: a server's URL and path, its process, the model id and
+    the API key."""
+
+    url: str
+    path: str
+    pid: int
+    model_id: int = 1
+    key: str = ""
+
+
+@dataclass
+class Endpoint:
+    """One of minimal_api.py's endpoints (REFERENCES)."""
+
+    name: str
+    target: Target
+
+
+@dataclass
+class References:
+    """minimal_api.py in a uvicorn process of its own, run as the API is run."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            Endpoint(name, Target(self.url, path, self.process.pid))
+            for name, (path, _) in REFERENCES.items()
+        ]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
 
 def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module, crop: int) -> Api:
     home = root / name
@@ -121,6 +177,43 @@ def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module
     api = Api(name, service)
     api.model_id = register_model(home, model, crop)
     return api
+
+
+def model_directory(api: Api) -> str:
+    """The directory of the model registered in `api`."""
+    return Settings(home=api.service.home).artifacts_url + "/" + MODEL_KEY
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_references(root: Path, model_dir: str, device: torch.device) -> References:
+    """Start minimal_api.py on the same model directory, with uvicorn's defaults, as
+    tests/e2e/live.py starts the API."""
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "MINIMAL_API_MODEL": model_dir, "MINIMAL_API_DEVICE": device.type}
+    with open(root / "minimal_api.log", "ab") as log_file:  # the child keeps its own copy
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "uvicorn", "minimal_api:app",
+                "--app-dir", str(Path(__file__).parent),
+                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    references = References(process, url)
+    try:
+        wait_for(lambda: _answers(f"{url}/openapi.json"), 60, "minimal_api.py to be ready")
+    except BaseException:
+        references.stop()
+        raise
+    return references
 
 
 # --- the load generator -----------------------------------------------------------------------
@@ -162,8 +255,7 @@ def server_timing(header: str) -> dict[str, float]:
     return stages
 
 
-async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
-    service = api.service
+async def _burst(target: Target, image: bytes, concurrency: int, requests: int) -> Load:
     latencies: list[float] = []
     server_ms: list[float] = []
     stages: list[dict[str, float]] = []
@@ -172,13 +264,13 @@ async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Loa
     raw = encode(
         httpx.Request(
             "POST",
-            f"{service.url}/v1/predict",
-            headers={"Authorization": f"Bearer {service.key}"},
+            f"{target.url}{target.path}",
+            headers={"Authorization": f"Bearer {target.key}"},
             files=[("files", ("image.jpg", image, "image/jpeg"))],
-            data={"model_id": str(api.model_id), "top_k": "1"},
+            data={"model_id": str(target.model_id), "top_k": "1"},
         )
     )
-    connections = [ReplayConnection(service.url) for _ in range(concurrency)]
+    connections = [ReplayConnection(target.url) for _ in range(concurrency)]
 
     async def one_client(connection: ReplayConnection) -> None:
         for _ in todo:  # shared: `requests` predicts in all
@@ -196,23 +288,25 @@ async def _burst(api: Api, image: bytes, concurrency: int, requests: int) -> Loa
             stages.append(server_timing(answer.headers.get("server-timing", "")))
 
     own = resource.getrusage(resource.RUSAGE_SELF)
-    server0, began = process_cpu_s(api.pid), time.perf_counter()
+    server0, began = process_cpu_s(target.pid), time.perf_counter()
     try:
         await asyncio.gather(*(one_client(c) for c in connections))
     finally:
         wall = time.perf_counter() - began
         own_after = resource.getrusage(resource.RUSAGE_SELF)
-        server = process_cpu_s(api.pid) - server0
+        server = process_cpu_s(target.pid) - server0
         await asyncio.gather(*(c.close() for c in connections))
     client_s = own_after.ru_utime + own_after.ru_stime - own.ru_utime - own.ru_stime
     cores = (client_s / wall, server / wall)
     return Load(latencies, server_ms, stages, errors, wall, *cores, (0.0, 0.0))
 
 
-def burst(api: Api, image: bytes, concurrency: int, requests: int) -> Load:
+def burst(api: Api | Endpoint, image: bytes, concurrency: int, requests: int) -> Load:
+    if isinstance(api, Endpoint):  # no batcher, no forwards to count
+        return asyncio.run(_burst(api.target, image, concurrency, requests))
     with api.service.client() as client:
         before = _batch_counters(client)
-        load = asyncio.run(_burst(api, image, concurrency, requests))
+        load = asyncio.run(_burst(api.target, image, concurrency, requests))
         after = _batch_counters(client)
     load.batches = (after[0] - before[0], after[1] - before[1])
     return load
@@ -296,12 +390,14 @@ def report(
     for (name, concurrency), result in results.items():
         client, server = result.cores()
         reference = model.get(concurrency, (None, None))[1]
+        is_api = name not in REFERENCES
         lines.append(
-            f"| service, dynamic batching {name} | c={concurrency} "
-            f"({len(result.latencies)} requests) | {_num(result.p_ms(50))} "
+            f"| {f'service, dynamic batching {name}' if is_api else REFERENCES[name][1]} "
+            f"| c={concurrency} ({len(result.latencies)} requests) | {_num(result.p_ms(50))} "
             f"| {_num(result.p_ms(99))} | {_num(result.images_per_s, 2)} "
-            f"| {_num(result.mean_batch)} | {_num(result.server_ms)} "
-            f"| {client:.2f} / {server:.2f} | {_ratio(result.images_per_s, reference)} |"
+            f"| {_num(result.mean_batch) if is_api else '—'} | {_num(result.server_ms)} "
+            f"| {client:.2f} / {server:.2f} "
+            f"| {_ratio(result.images_per_s, reference) if is_api else '—'} |"
         )
         if result.errors:
             failures.append(
@@ -322,44 +418,64 @@ def report(
             f"{share:.0%} of model-only batch 64 ({b64:.2f} images/s); target ≥ "
             f"{TARGET_THROUGHPUT:.0%}: **{met}**."
         )
-    for name, result in (("on", on1), ("off", off1)):
-        p50 = result.p_ms(50) if result is not None else None
+    for name, at_c1 in (("on", on1), ("off", off1)):
+        p50 = at_c1.p_ms(50) if at_c1 is not None else None
         if p50 is None or not b1:
             continue
         overhead = (p50 - b1) / b1
         met = "met" if overhead <= TARGET_OVERHEAD else "NOT met"
         targets.append(
             f"- Overhead on one predict at c=1, batching {name}: p50 {p50:.1f} ms vs "
-            f"model-only batch 1 {b1:.1f} ms → +{p50 - b1:.1f} ms = {overhead:.0%} of model "
+            f"model-only batch 1 {b1:.1f} ms → +{p50 - b1:.1f} ms = {overhead:.1%} of model "
             f"time; target ≤ {TARGET_OVERHEAD:.0%}: **{met}**."
         )
-        if result is not None and result.server_ms is not None:
-            inside = result.server_ms - b1
+        if at_c1 is not None and at_c1.server_ms is not None:
+            inside = at_c1.server_ms - b1
             targets.append(
                 f"  Of the +{p50 - b1:.1f} ms, +{inside:.1f} ms is inside the route (its "
-                f"time_ms p50 {result.server_ms:.1f} ms: form parsing, model lookup, the "
+                f"time_ms p50 {at_c1.server_ms:.1f} ms: form parsing, model lookup, the "
                 f"image's decode + resize — {decode_ms:.1f} ms alone — and the hand-offs to "
-                f"the decode and forward threads); +{p50 - result.server_ms:.1f} ms is "
+                f"the decode and forward threads); +{p50 - at_c1.server_ms:.1f} ms is "
                 "HTTP, middleware and the API-key check, outside it."
             )
-        if result is not None and result.per_request_ms():
-            targets.append(per_request_line(result, b1))
+        if at_c1 is not None and at_c1.per_request_ms():
+            targets.append(
+                per_request_line(at_c1, b1, results.get(("empty", 1)), results.get(("minimal", 1)))
+            )
     return "\n".join(lines), "\n".join(failures + targets)
 
 
-def per_request_line(result: ServiceResult, model_ms: float) -> str:
+def per_request_line(
+    result: ServiceResult,
+    model_ms: float,
+    empty: ServiceResult | None,
+    minimal: ServiceResult | None,
+) -> str:
     """The overhead request by request, from each answer's Server-Timing: free of the
-    difference between two processes' forwards that the side-by-side figure includes."""
+    difference between two processes' forwards that the side-by-side figure includes;
+    set beside minimal_api.py's endpoints."""
     rest = statistics.median(result.per_request_ms())
     forward = statistics.median(result.per_request_ms("forward"))
     decode = statistics.median(result.per_request_ms("decode"))
     met = "met" if rest / forward <= TARGET_OVERHEAD else "NOT met"
-    return (
+    line = (
         f"  Request by request (Server-Timing): latency less the request's own forward, p50 "
-        f"+{rest:.1f} ms = {rest / forward:.0%} of its forward (p50 {forward:.1f} ms; the "
-        f"image's decode is {decode:.1f} ms of it): **{met}**. The forward in the API "
-        f"process took {forward / model_ms:.0%} of the model-only time."
+        f"+{rest:.1f} ms = {rest / forward:.1%} of its forward (p50 {forward:.1f} ms; the "
+        f"image's decode + resize is {decode:.1f} ms of it): **{met}**. The forward in the "
+        f"API process took {forward / model_ms:.0%} of the model-only time."
     )
+    if empty is not None and empty.latencies and minimal is not None:
+        bare = statistics.median(minimal.per_request_ms())
+        bare_forward = statistics.median(minimal.per_request_ms("forward"))
+        line += (
+            f" The least a predict endpoint pays here: the minimal endpoint's latency less "
+            f"its forward is +{bare:.1f} ms ({bare / bare_forward:.1%} of its forward: "
+            f"decode, HTTP and top-k right after a forward), and the empty route answers "
+            f"the same request in {empty.p_ms(50):.1f} ms. The service's own machinery (API "
+            f"key, lookups, middleware, the forward thread, the batcher) adds "
+            f"+{rest - bare:.1f} ms."
+        )
+    return line
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -374,11 +490,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(
-    args: argparse.Namespace, device: torch.device, apis: list[Api], image: bytes, rounds: int
+    args: argparse.Namespace,
+    device: torch.device,
+    apis: list[Api],
+    references: References,
+    image: bytes,
+    rounds: int,
 ) -> tuple[dict[tuple[str, int], ServiceResult], dict[int, tuple[float, float]], float, str]:
-    """Interleaved rounds: the model alone, then every (API, concurrency), order rotated.
-    Returns the service results, model-only (median ms, images/s) by batch, the image's
-    decode ms, the load note."""
+    """Interleaved rounds: the model alone, then every (API, concurrency) and minimal_api's
+    endpoints at c=1, order rotated. Returns the results by (API or endpoint name,
+    concurrency), model-only (median ms, images/s) by batch, the image's decode ms, the
+    load note."""
     requests = {1: 10, 8: 32, 32: 64, 64: 64} if args.quick else {1: 40, 8: 96, 32: 160, 64: 192}
     if device.type == "cuda":
         requests = {c: 4 * n for c, n in requests.items()}
@@ -386,28 +508,32 @@ def measure(
         log(f"warm-up: batching {api.name}")
         for concurrency in CONCURRENCY:
             burst(api, image, concurrency, max(4, concurrency))
+    for endpoint in references.endpoints:
+        burst(endpoint, image, 1, 4)
     # The model alone: the very files the API serves.
-    directory = Settings(home=apis[0].service.home).artifacts_url + "/" + MODEL_KEY
-    predictor = Predictor.load(directory, device=str(device))
+    predictor = Predictor.load(model_directory(apis[0]), device=str(device))
 
     def service_round(index: int) -> dict[tuple[str, int], Load]:
-        configs = [(api, c) for c in CONCURRENCY for api in apis]
+        configs: list[tuple[Api | Endpoint, int]] = [(api, c) for c in CONCURRENCY for api in apis]
+        configs += [(endpoint, 1) for endpoint in references.endpoints]
         shift = index % len(configs)
         loads = {}
         for api, concurrency in configs[shift:] + configs[:shift]:
-            log(f"  batching {api.name}, c={concurrency}: {requests[concurrency]} requests")
+            log(f"  {api.name}, c={concurrency}: {requests[concurrency]} requests")
             loads[api.name, concurrency] = burst(api, image, concurrency, requests[concurrency])
         return loads
 
     gate = quiet_gate("service", args.max_others, args.block_waits, 30.0)
+    pids = [api.pid for api in apis] + [references.process.pid]
     policy = RoundPolicy(
-        args.max_others, args.max_redo, exclude=lambda: sum(process_cpu_s(a.pid) for a in apis)
+        args.max_others, args.max_redo, exclude=lambda: sum(map(process_cpu_s, pids))
     )
     runs = {1: 10, 8: 3, 32: 1, 64: 1} if device.type == "cpu" else {1: 20, 8: 10, 32: 5, 64: 5}
     timings = measure_model(
         {"fast": predictor.probabilities}, args.crop, runs, rounds, policy, extra=service_round
     )
     results = {(api.name, c): ServiceResult() for c in CONCURRENCY for api in apis}
+    results |= {(name, 1): ServiceResult() for name in REFERENCES}
     for loads in timings.extras:
         for config, load in loads.items():
             results[config].loads.append(load)
@@ -432,13 +558,17 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model("R50x1")
     image = photo_jpeg(320, 240)
     apis: list[Api] = []
+    references: References | None = None
     try:
-        log("starting the API processes (batching on, off)")
+        log("starting the API processes (batching on, off) and minimal_api.py")
         apis = [
             start_api("on", root, env, model, args.crop),
             start_api("off", root, {**env, "BIT_DYNAMIC_BATCHING": "false"}, model, args.crop),
         ]
-        results, model_figures, decode_ms, load_note = measure(args, device, apis, image, rounds)
+        references = start_references(root, model_directory(apis[0]), device)
+        results, model_figures, decode_ms, load_note = measure(
+            args, device, apis, references, image, rounds
+        )
     except BaseException:
         for api in apis:
             print(api.service.logs(), file=sys.stderr)
@@ -446,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for api in apis:
             api.service.stop()
+        if references is not None:
+            references.stop()
         shutil.rmtree(root, ignore_errors=True)
     table, targets = report(results, model_figures, decode_ms)
     defaults = Settings()
@@ -464,7 +596,11 @@ def main(argv: list[str] | None = None) -> int:
             "benchmarks/replay_client.py in the benchmark process (it shares "
             "the cores: its CPU use is the 'client' column). Model-only rows time the same "
             "model directory on preprocessed batches, in the same rounds. Rounds rotated; "
-            f"{rounds} kept round(s); latency percentiles over all kept requests.",
+            f"{rounds} kept round(s); latency percentiles over all kept requests. "
+            "Beside them, in the same rounds at c=1: benchmarks/minimal_api.py, one more "
+            "uvicorn process on the same model directory, with an empty route and the "
+            "smallest predict endpoint (decode, forward and top-k inline on the event loop; "
+            "no authentication, middleware, threads or batching).",
             "",
             table,
             "",
