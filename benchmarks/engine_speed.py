@@ -12,7 +12,8 @@ another process hits every row alike), for each resolution:
   `bit_core.predict.Predictor.probabilities` (kernels standardized once, inference_mode),
   and variants (channels_last, bf16 autocast, oneDNN prepacked convs, TorchScript freeze,
   torch.compile of the prepared model);
-* timm's `resnetv2_50x1_bit`, when timm is importable.
+* timm's `resnetv2_50x1_bit` (R50x1) or `resnetv2_101x1_bit` (R101x1), when timm is
+  importable.
 
 torch.compile rows run in a child process with a fresh inductor cache (so the compile time
 is a cold one) and a hard time limit. Rows whose warm-up is more than SLOW_FACTOR times
@@ -74,7 +75,7 @@ NUM_CLASSES = 10  # head size: irrelevant to speed; a CIFAR-10-like downstream t
 LR = 0.003  # BiT-HyperRule base lr (the value does not change the speed)
 SEED = 0
 SLOW_FACTOR = 4.0  # warm-up slower than this x official: one timed iteration, skip larger px
-TIMM_NAMES = {"R50x1": "resnetv2_50x1_bit"}
+TIMM_NAMES = {"R50x1": "resnetv2_50x1_bit", "R101x1": "resnetv2_101x1_bit"}
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -144,14 +145,18 @@ class Row:
     isolated: bool = False  # run in a child process (torch.compile)
 
 
-def training_rows(device: torch.device) -> list[Row]:
+def _timm_name(arch: str) -> str:
+    return TIMM_NAMES.get(arch, "(none)")
+
+
+def training_rows(device: torch.device, arch: str = "R50x1") -> list[Row]:
     if device.type == "cuda":
         return [
             Row("official", "official: fp32 eager NCHW, WS every forward"),
             Row("fast", "fast = train_loop on cuda: bf16 autocast + channels_last"),
             Row("fast_fp32", "train_loop fp32 + channels_last"),
             Row("fast_compile", "fast + torch.compile (inductor)", isolated=True),
-            Row("timm", "timm resnetv2_50x1_bit, official-style loop"),
+            Row("timm", f"timm {_timm_name(arch)}, official-style loop"),
         ]
     return [
         Row("official", "official: fp32 eager NCHW, WS every forward"),
@@ -159,18 +164,18 @@ def training_rows(device: torch.device) -> list[Row]:
         Row("fast_cl", "train_loop + channels_last"),
         Row("fast_bf16", "train_loop + bf16 autocast"),
         Row("fast_compile", "train_loop + torch.compile (inductor)", isolated=True),
-        Row("timm", "timm resnetv2_50x1_bit, official-style loop"),
+        Row("timm", f"timm {_timm_name(arch)}, official-style loop"),
     ]
 
 
-def inference_rows(device: torch.device) -> list[Row]:
+def inference_rows(device: torch.device, arch: str = "R50x1") -> list[Row]:
     if device.type == "cuda":
         return [
             Row("official", "official: eval + no_grad, WS every forward"),
             Row("fast", "fast = Predictor on cuda: bf16 + channels_last"),
             Row("fast_fp32", "Predictor fp32 + channels_last"),
             Row("fast_compile", "Predictor + torch.compile", isolated=True),
-            Row("timm", "timm resnetv2_50x1_bit, eval + no_grad"),
+            Row("timm", f"timm {_timm_name(arch)}, eval + no_grad"),
         ]
     return [
         Row("official", "official: eval + no_grad, WS every forward"),
@@ -180,7 +185,7 @@ def inference_rows(device: torch.device) -> list[Row]:
         Row("fast_mkldnn", "Predictor + oneDNN prepacked convs"),
         Row("fast_jit", "Predictor + TorchScript freeze/optimize"),
         Row("fast_compile", "Predictor + torch.compile (inductor freezing)", isolated=True),
-        Row("timm", "timm resnetv2_50x1_bit, eval + no_grad"),
+        Row("timm", f"timm {_timm_name(arch)}, eval + no_grad"),
     ]
 
 
@@ -1107,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     for res in resolutions:
         counts = counts_for(device, res, args.quick)
         if not args.skip_training:
-            rows = [row for row in training_rows(device) if keep(row, res)]
+            rows = [row for row in training_rows(device, args.arch) if keep(row, res)]
             gate = quiet_gate(f"training {res} px", args.max_others, args.block_waits, 30.0)
             policy = RoundPolicy(args.max_others, args.max_redo)
             eager = measure_training_eager(
@@ -1123,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
             train_results += eager + isolated
             background.append(block_note(f"training {res} px", gate, policy))
         if not args.skip_inference:
-            rows = [row for row in inference_rows(device) if keep(row, res)]
+            rows = [row for row in inference_rows(device, args.arch) if keep(row, res)]
             gate = quiet_gate(f"inference {res} px", args.max_others, args.block_waits, 30.0)
             policy = RoundPolicy(args.max_others, args.max_redo)
             eager_inf = measure_inference_eager(
