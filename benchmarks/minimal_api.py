@@ -7,17 +7,25 @@
   form → `Predictor.preprocess` → forward → top-k, all inline on the event loop. No
   authentication, middleware, model lookup, thread hand-off or batching; it blocks the
   loop, so it serves one request at a time and is only measured at concurrency 1.
+  With `MINIMAL_API_FORWARD_THREAD=1`, decode and forward run instead as one job on a
+  thread of their own, as the service runs a lone request (`Batcher.run_alone`): the
+  least an endpoint pays that keeps its event loop free during a forward. A process does
+  one or the other, never both: forwards from two threads would start a second OpenMP
+  team, whose idle threads spin against the first (service/inference/threads.py).
 
-The service's overhead less this endpoint's is what the service's own machinery costs.
+The service's overhead less these endpoints' is what the service's own machinery costs.
 service_speed.py runs it as the API is run (`python -m uvicorn minimal_api:app --app-dir
 benchmarks`), with `MINIMAL_API_MODEL` (a model directory) and `MINIMAL_API_DEVICE` set.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request, Response
 from starlette.datastructures import UploadFile
 
@@ -25,9 +33,22 @@ from bit_core.images import ImageSource
 from bit_core.predict import Prediction, Predictor
 from service.models.schemas import ImagePrediction, LabelProbability, PredictResponse
 
-predictor = Predictor.load(
-    os.environ["MINIMAL_API_MODEL"], device=os.environ.get("MINIMAL_API_DEVICE", "auto")
+forward_thread = (
+    ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+    if os.environ.get("MINIMAL_API_FORWARD_THREAD") == "1"
+    else None
 )
+
+
+def _load() -> Predictor:
+    return Predictor.load(
+        os.environ["MINIMAL_API_MODEL"], device=os.environ.get("MINIMAL_API_DEVICE", "auto")
+    )
+
+
+# Loaded on the thread that runs the forwards: loading runs parallel ops too, and a second
+# thread doing so would start the second OpenMP team this process must not have.
+predictor = _load() if forward_thread is None else forward_thread.submit(_load).result()
 app = FastAPI(title="minimal predict endpoint")
 
 
@@ -72,15 +93,26 @@ async def empty(request: Request) -> PredictResponse:
     return _answer(model_id, names, rows, began)
 
 
+def _decode_and_forward(sources: list[ImageSource]) -> tuple[torch.Tensor, float]:
+    """Probabilities and the forward's own ms."""
+    batch = predictor.preprocess(sources)
+    began = time.perf_counter()
+    probabilities = predictor.probabilities(batch)
+    return probabilities, (time.perf_counter() - began) * 1000
+
+
 @app.post("/v1/predict", response_model=PredictResponse)
 async def predict(request: Request, response: Response) -> PredictResponse:
-    """Decode, forward and top-k inline; `Server-Timing` gives the forward's share."""
+    """Decode, forward (inline or on the forward thread) and top-k; `Server-Timing` gives
+    the forward's share."""
     began = time.perf_counter()
     model_id, top_k, sources, names = await _read_form(request)
-    batch = predictor.preprocess(sources)
-    forward_began = time.perf_counter()
-    probabilities = predictor.probabilities(batch)
-    forward_ms = (time.perf_counter() - forward_began) * 1000
+    if forward_thread is None:
+        probabilities, forward_ms = _decode_and_forward(sources)
+    else:
+        probabilities, forward_ms = await asyncio.get_running_loop().run_in_executor(
+            forward_thread, _decode_and_forward, sources
+        )
     rows = predictor.top_k(probabilities, top_k)
     response.headers["Server-Timing"] = f"forward;dur={forward_ms:.2f}"
     return _answer(model_id, names, rows, began)

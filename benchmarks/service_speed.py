@@ -8,10 +8,11 @@ the way the worker registers a trained model. This process then sends one-image
 multipart predicts (encoded once by httpx, replayed by replay_client.py, whose own CPU cost
 is a small part of httpx's) at concurrency 1, 8, 32 and 64 (bounded request counts,
 127.0.0.1 only), and in the same rounds the very same model directory is timed alone
-(`Predictor.probabilities` on preprocessed batches of 1, 8, 32, 64), and so are the two
+(`Predictor.probabilities` on preprocessed batches of 1, 8, 32, 64), and so are the
 endpoints of minimal_api.py at concurrency 1: an empty route, and the smallest predict
-endpoint on the same model (what any Python predict endpoint pays, whatever else it
-does). Rounds are interleaved and rotated, as in engine_speed.py.
+endpoint on the same model, its forward inline or on a thread of its own (what any Python
+predict endpoint pays, whatever else it does). Rounds are interleaved and rotated, as in
+engine_speed.py.
 
 Ratios reported against the issue's targets:
 * service images/s at c=64 (batching on) ÷ model-only images/s at batch 64 (≥ 70%);
@@ -41,6 +42,7 @@ import tempfile
 import time
 import timeit
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -79,12 +81,22 @@ MODEL_KEY = "models/bench"
 TENANT = "e2e"  # the tenant of the key LiveService creates
 TARGET_THROUGHPUT = 0.70
 TARGET_OVERHEAD = 0.15
-# minimal_api.py's two endpoints: their names in the results, their rows in the table.
+# minimal_api.py's endpoints: name -> (in its process with the forward thread?, path, row).
 REFERENCES = {
-    "empty": ("/empty", "empty route: the same request parsed and answered, nothing computed"),
+    "empty": (
+        False,
+        "/empty",
+        "empty route: the same request parsed and answered, nothing computed",
+    ),
     "minimal": (
+        False,
         "/v1/predict",
         "minimal endpoint: form → decode → forward → top-k inline, nothing else",
+    ),
+    "threaded": (
+        True,
+        "/v1/predict",
+        "minimal endpoint, decode + forward on a thread of their own",
     ),
 }
 
@@ -154,21 +166,31 @@ class Endpoint:
 
 @dataclass
 class References:
-    """minimal_api.py in a uvicorn process of its own, run as the API is run."""
+    """minimal_api.py in two uvicorn processes, forwards inline in one and on a thread in
+    the other, run as the API is run."""
 
-    process: subprocess.Popen[bytes]
-    url: str
+    inline: subprocess.Popen[bytes]
+    threaded: subprocess.Popen[bytes]
+    urls: tuple[str, str]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.inline.pid, self.threaded.pid]
 
     @property
     def endpoints(self) -> list[Endpoint]:
-        return [
-            Endpoint(name, Target(self.url, path, self.process.pid))
-            for name, (path, _) in REFERENCES.items()
-        ]
+        processes = {False: (self.inline, self.urls[0]), True: (self.threaded, self.urls[1])}
+        endpoints = []
+        for name, (on_thread, path, _) in REFERENCES.items():
+            process, url = processes[on_thread]
+            endpoints.append(Endpoint(name, Target(url, path, process.pid)))
+        return endpoints
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        for process in (self.inline, self.threaded):
+            process.terminate()
+        for process in (self.inline, self.threaded):
+            process.wait(timeout=30)
 
 
 def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module, crop: int) -> Api:
@@ -191,12 +213,18 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_references(root: Path, model_dir: str, device: torch.device) -> References:
-    """Start minimal_api.py on the same model directory, with uvicorn's defaults, as
-    tests/e2e/live.py starts the API."""
+def _start_reference(
+    root: Path, model_dir: str, device: torch.device, on_thread: bool
+) -> tuple[subprocess.Popen[bytes], str]:
     url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "MINIMAL_API_MODEL": model_dir, "MINIMAL_API_DEVICE": device.type}
-    with open(root / "minimal_api.log", "ab") as log_file:  # the child keeps its own copy
+    env = {
+        **os.environ,
+        "MINIMAL_API_MODEL": model_dir,
+        "MINIMAL_API_DEVICE": device.type,
+        "MINIMAL_API_FORWARD_THREAD": "1" if on_thread else "0",
+    }
+    log_path = root / f"minimal_api_{'thread' if on_thread else 'inline'}.log"
+    with open(log_path, "ab") as log_file:  # the child keeps its own copy
         process = subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "minimal_api:app",
@@ -207,9 +235,18 @@ def start_references(root: Path, model_dir: str, device: torch.device) -> Refere
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-    references = References(process, url)
+    return process, url
+
+
+def start_references(root: Path, model_dir: str, device: torch.device) -> References:
+    """Start minimal_api.py twice on the same model directory, with uvicorn's defaults, as
+    tests/e2e/live.py starts the API."""
+    inline, inline_url = _start_reference(root, model_dir, device, on_thread=False)
+    threaded, threaded_url = _start_reference(root, model_dir, device, on_thread=True)
+    references = References(inline, threaded, (inline_url, threaded_url))
     try:
-        wait_for(lambda: _answers(f"{url}/openapi.json"), 60, "minimal_api.py to be ready")
+        for url in references.urls:
+            wait_for(partial(_answers, f"{url}/openapi.json"), 60, "minimal_api.py to be ready")
     except BaseException:
         references.stop()
         raise
@@ -392,7 +429,7 @@ def report(
         reference = model.get(concurrency, (None, None))[1]
         is_api = name not in REFERENCES
         lines.append(
-            f"| {f'service, dynamic batching {name}' if is_api else REFERENCES[name][1]} "
+            f"| {f'service, dynamic batching {name}' if is_api else REFERENCES[name][2]} "
             f"| c={concurrency} ({len(result.latencies)} requests) | {_num(result.p_ms(50))} "
             f"| {_num(result.p_ms(99))} | {_num(result.images_per_s, 2)} "
             f"| {_num(result.mean_batch) if is_api else '—'} | {_num(result.server_ms)} "
@@ -439,9 +476,8 @@ def report(
                 "HTTP, middleware and the API-key check, outside it."
             )
         if at_c1 is not None and at_c1.per_request_ms():
-            targets.append(
-                per_request_line(at_c1, b1, results.get(("empty", 1)), results.get(("minimal", 1)))
-            )
+            references = [results.get((name, 1)) for name in ("empty", "minimal", "threaded")]
+            targets.append(per_request_line(at_c1, b1, *references))
     return "\n".join(lines), "\n".join(failures + targets)
 
 
@@ -450,6 +486,7 @@ def per_request_line(
     model_ms: float,
     empty: ServiceResult | None,
     minimal: ServiceResult | None,
+    threaded: ServiceResult | None,
 ) -> str:
     """The overhead request by request, from each answer's Server-Timing: free of the
     difference between two processes' forwards that the side-by-side figure includes;
@@ -464,18 +501,22 @@ def per_request_line(
         f"image's decode + resize is {decode:.1f} ms of it): **{met}**. The forward in the "
         f"API process took {forward / model_ms:.0%} of the model-only time."
     )
-    if empty is not None and empty.latencies and minimal is not None:
-        bare = statistics.median(minimal.per_request_ms())
-        bare_forward = statistics.median(minimal.per_request_ms("forward"))
-        line += (
-            f" The least a predict endpoint pays here: the minimal endpoint's latency less "
-            f"its forward is +{bare:.1f} ms ({bare / bare_forward:.1%} of its forward: "
-            f"decode, HTTP and top-k right after a forward), and the empty route answers "
-            f"the same request in {empty.p_ms(50):.1f} ms. The service's own machinery (API "
-            f"key, lookups, middleware, the forward thread, the batcher) adds "
-            f"+{rest - bare:.1f} ms."
-        )
-    return line
+    if empty is None or minimal is None or threaded is None or not empty.latencies:
+        return line
+    bare = statistics.median(minimal.per_request_ms())
+    bare_forward = statistics.median(minimal.per_request_ms("forward"))
+    handed = statistics.median(threaded.per_request_ms())
+    handed_forward = statistics.median(threaded.per_request_ms("forward"))
+    return line + (
+        f" The least a predict endpoint pays here: the minimal endpoint's latency less its "
+        f"forward is +{bare:.1f} ms ({bare / bare_forward:.1%} of its forward: decode, HTTP "
+        f"and top-k right after a forward; the empty route answers the same request in "
+        f"{empty.p_ms(50):.1f} ms), and +{handed:.1f} ms ({handed / handed_forward:.1%}) "
+        f"with decode and forward on a thread of their own, as the service runs a lone call "
+        f"and as any endpoint must that keeps serving during a forward. The service's own "
+        f"machinery (API key, lookups, middleware, the batcher) adds +{rest - handed:.1f} ms "
+        "to that."
+    )
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -524,7 +565,7 @@ def measure(
         return loads
 
     gate = quiet_gate("service", args.max_others, args.block_waits, 30.0)
-    pids = [api.pid for api in apis] + [references.process.pid]
+    pids = [api.pid for api in apis] + references.pids
     policy = RoundPolicy(
         args.max_others, args.max_redo, exclude=lambda: sum(map(process_cpu_s, pids))
     )
@@ -597,10 +638,11 @@ def main(argv: list[str] | None = None) -> int:
             "the cores: its CPU use is the 'client' column). Model-only rows time the same "
             "model directory on preprocessed batches, in the same rounds. Rounds rotated; "
             f"{rounds} kept round(s); latency percentiles over all kept requests. "
-            "Beside them, in the same rounds at c=1: benchmarks/minimal_api.py, one more "
-            "uvicorn process on the same model directory, with an empty route and the "
-            "smallest predict endpoint (decode, forward and top-k inline on the event loop; "
-            "no authentication, middleware, threads or batching).",
+            "Beside them, in the same rounds at c=1: benchmarks/minimal_api.py, two more "
+            "uvicorn processes on the same model directory, with an empty route and the "
+            "smallest predict endpoint (decode, forward and top-k; no authentication, "
+            "middleware or batching), its forward inline on the event loop in one and on a "
+            "thread of its own in the other.",
             "",
             table,
             "",
