@@ -1,4 +1,4 @@
-"""Two reference endpoints for service_speed.py, in one uvicorn + FastAPI app.
+"""Reference endpoints for service_speed.py, in a uvicorn + FastAPI app of their own.
 
 * `POST /empty`: parses the predict request's multipart form, reads the file and answers a
   `PredictResponse` of the same shape, with no work at all: what uvicorn, FastAPI, the
