@@ -149,7 +149,7 @@ def _timm_name(arch: str) -> str:
     return TIMM_NAMES.get(arch, "(none)")
 
 
-def training_rows(device: torch.device, arch: str = "R50x1") -> list[Row]:
+def training_rows(device: torch.device, arch: str) -> list[Row]:
     if device.type == "cuda":
         return [
             Row("official", "official: fp32 eager NCHW, WS every forward"),
@@ -168,7 +168,7 @@ def training_rows(device: torch.device, arch: str = "R50x1") -> list[Row]:
     ]
 
 
-def inference_rows(device: torch.device, arch: str = "R50x1") -> list[Row]:
+def inference_rows(device: torch.device, arch: str) -> list[Row]:
     if device.type == "cuda":
         return [
             Row("official", "official: eval + no_grad, WS every forward"),

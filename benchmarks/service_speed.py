@@ -44,6 +44,7 @@ import timeit
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import torch
@@ -70,7 +71,7 @@ from bit_core.predict import Predictor
 from service.db.models import Model
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.e2e.live import LiveService
+from tests.e2e.live import LiveService, answers_ok
 from tests.polling import free_port, wait_for
 from worker.runner import artifact_store
 
@@ -81,22 +82,28 @@ MODEL_KEY = "models/bench"
 TENANT = "e2e"  # the tenant of the key LiveService creates
 TARGET_THROUGHPUT = 0.70
 TARGET_OVERHEAD = 0.15
-# minimal_api.py's endpoints: name -> (in its process with the forward thread?, path, row).
+
+
+class Reference(NamedTuple):
+    """One of minimal_api.py's endpoints: in which of its processes, at which path, and its
+    row in the table."""
+
+    on_thread: bool  # in the process whose forwards run on a thread of their own
+    path: str
+    row: str
+
+
 REFERENCES = {
-    "empty": (
-        False,
-        "/empty",
-        "empty route: the same request parsed and answered, nothing computed",
+    "empty": Reference(
+        False, "/empty", "empty route: the same request parsed and answered, nothing computed"
     ),
-    "minimal": (
+    "minimal": Reference(
         False,
         "/v1/predict",
         "minimal endpoint: form → decode → forward → top-k inline, nothing else",
     ),
-    "threaded": (
-        True,
-        "/v1/predict",
-        "minimal endpoint, decode + forward on a thread of their own",
+    "threaded": Reference(
+        True, "/v1/predict", "minimal endpoint, decode + forward on a thread of their own"
     ),
 }
 
@@ -166,30 +173,27 @@ class Endpoint:
 
 @dataclass
 class References:
-    """minimal_api.py in two uvicorn processes, forwards inline in one and on a thread in
-    the other, run as the API is run."""
+    """minimal_api.py in two uvicorn processes, run as the API is run: (process, URL) by
+    whether its forwards run on a thread of their own."""
 
-    inline: subprocess.Popen[bytes]
-    threaded: subprocess.Popen[bytes]
-    urls: tuple[str, str]
+    servers: dict[bool, tuple[subprocess.Popen[bytes], str]]
 
     @property
     def pids(self) -> list[int]:
-        return [self.inline.pid, self.threaded.pid]
+        return [process.pid for process, _ in self.servers.values()]
 
     @property
     def endpoints(self) -> list[Endpoint]:
-        processes = {False: (self.inline, self.urls[0]), True: (self.threaded, self.urls[1])}
         endpoints = []
-        for name, (on_thread, path, _) in REFERENCES.items():
-            process, url = processes[on_thread]
-            endpoints.append(Endpoint(name, Target(url, path, process.pid)))
+        for name, reference in REFERENCES.items():
+            process, url = self.servers[reference.on_thread]
+            endpoints.append(Endpoint(name, Target(url, reference.path, process.pid)))
         return endpoints
 
     def stop(self) -> None:
-        for process in (self.inline, self.threaded):
+        for process, _ in self.servers.values():
             process.terminate()
-        for process in (self.inline, self.threaded):
+        for process, _ in self.servers.values():
             process.wait(timeout=30)
 
 
@@ -204,13 +208,6 @@ def start_api(name: str, root: Path, env: dict[str, str], model: torch.nn.Module
 def model_directory(api: Api) -> str:
     """The directory of the model registered in `api`."""
     return Settings(home=api.service.home).artifacts_url + "/" + MODEL_KEY
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _start_reference(
@@ -241,12 +238,12 @@ def _start_reference(
 def start_references(root: Path, model_dir: str, device: torch.device) -> References:
     """Start minimal_api.py twice on the same model directory, with uvicorn's defaults, as
     tests/e2e/live.py starts the API."""
-    inline, inline_url = _start_reference(root, model_dir, device, on_thread=False)
-    threaded, threaded_url = _start_reference(root, model_dir, device, on_thread=True)
-    references = References(inline, threaded, (inline_url, threaded_url))
+    references = References({})
     try:
-        for url in references.urls:
-            wait_for(partial(_answers, f"{url}/openapi.json"), 60, "minimal_api.py to be ready")
+        for on_thread in (False, True):
+            references.servers[on_thread] = _start_reference(root, model_dir, device, on_thread)
+        for _, url in references.servers.values():
+            wait_for(partial(answers_ok, f"{url}/openapi.json"), 60, "minimal_api.py to be ready")
     except BaseException:
         references.stop()
         raise
@@ -429,7 +426,7 @@ def report(
         reference = model.get(concurrency, (None, None))[1]
         is_api = name not in REFERENCES
         lines.append(
-            f"| {f'service, dynamic batching {name}' if is_api else REFERENCES[name][2]} "
+            f"| {f'service, dynamic batching {name}' if is_api else REFERENCES[name].row} "
             f"| c={concurrency} ({len(result.latencies)} requests) | {_num(result.p_ms(50))} "
             f"| {_num(result.p_ms(99))} | {_num(result.images_per_s, 2)} "
             f"| {_num(result.mean_batch) if is_api else '—'} | {_num(result.server_ms)} "
@@ -476,8 +473,8 @@ def report(
                 "HTTP, middleware and the API-key check, outside it."
             )
         if at_c1 is not None and at_c1.per_request_ms():
-            references = [results.get((name, 1)) for name in ("empty", "minimal", "threaded")]
-            targets.append(per_request_line(at_c1, b1, *references))
+            beside = [results.get((name, 1)) for name in ("empty", "minimal", "threaded")]
+            targets.append(per_request_line(at_c1, b1, *beside))
     return "\n".join(lines), "\n".join(failures + targets)
 
 

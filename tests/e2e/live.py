@@ -22,6 +22,14 @@ from tests.factories import CLASS_STYLES, draw_example
 from tests.polling import free_port, wait_for
 
 
+def answers_ok(url: str) -> bool:
+    """A GET of `url` answers 200 (False while the server is not listening yet)."""
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def png_bytes(style: str, colour: tuple[int, int, int], seed: int) -> bytes:
     import numpy as np
 
@@ -110,10 +118,7 @@ class LiveService:
         return self
 
     def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return answers_ok(f"{self.url}/readyz")
 
     def kill_api(self) -> None:
         """kill -9 the API process: no shutdown hooks, no cleanup."""
