@@ -5,16 +5,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 BIT_HOME=/data
 WORKDIR /app
 
 # torch: a GPU deployment installs the CUDA build of the same release (the default wheel
-# from PyPI for linux x86_64 is the CUDA build).
+# from PyPI for linux x86_64 is the CUDA build). The s3 extra lets the workers and API of
+# several hosts share one bucket (BIT_ARTIFACTS_URL=s3://...). Migrations, templates and
+# static files are package data: the installed package needs nothing from this folder.
 COPY pyproject.toml README.md ./
 COPY bit_core ./bit_core
 COPY service ./service
 COPY worker ./worker
-COPY migrations ./migrations
-COPY alembic.ini ./
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[s3]'
 
 RUN useradd --create-home --uid 1000 bit && mkdir -p /data && chown bit /data
 USER bit
+WORKDIR /data
 EXPOSE 8000
 CMD ["bit", "api", "--host", "0.0.0.0", "--port", "8000"]

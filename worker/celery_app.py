@@ -15,6 +15,7 @@ from bit_core.device import resolve_device
 from service.queueing import make_celery
 from service.settings import get_settings
 from worker.reconciler import Reconciler
+from worker.shutdown import request_shutdown
 
 app = make_celery(get_settings())
 app.conf.imports = ("worker.tasks",)
@@ -41,3 +42,10 @@ def _start_reconciler(**_: object) -> None:
     queues = ",".join(sorted(app.amqp.queues.consume_from or app.amqp.queues))
     _reconciler = Reconciler(settings, worker_name(), queues, str(resolve_device(settings.device)))
     _reconciler.start()
+
+
+@signals.worker_shutting_down.connect
+def _stop_running_job(**_: object) -> None:
+    """A warm shutdown (SIGTERM, Ctrl-C) stops the running job at its next step; it saves
+    its checkpoint and goes back to the queue (worker.shutdown)."""
+    request_shutdown()

@@ -28,8 +28,10 @@ from service.db.artifacts import ArtifactStore, open_store
 from service.db.models import Job, JobMetric, Model
 from service.db.session import session_factory
 from service.errors import database_unavailable, storage_error
-from service.jobs.lifecycle import add_event, finish, renew_lease, take_lease
+from service.jobs.lifecycle import add_event, finish, renew_lease, requeue, take_lease
+from service.jobs.service import send
 from service.settings import Settings
+from worker.shutdown import shutdown_requested
 from worker.webhook import deliver_result
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,21 @@ class RunState:
     stop: threading.Event = field(default_factory=threading.Event)
     lease_lost: bool = False
     cancelled: bool = False
+
+    def should_stop(self) -> bool:
+        """Polled between steps: a cancel, a lost lease, or the worker shutting down."""
+        return self.stop.is_set() or shutdown_requested()
+
+
+def stopped_for_shutdown(session: Session, settings: Settings, job: Job, owner: str) -> str:
+    """Put a run that stopped because its worker is shutting down back in the queue (its
+    checkpoint is saved), so the next worker resumes it without waiting for the lease."""
+    if not requeue(session, job, owner=owner, detail="the worker shut down; resumes next"):
+        session.rollback()
+        return "lease_lost"
+    session.commit()
+    send(session, settings, job)
+    return "requeued"
 
 
 def artifact_store(settings: Settings) -> ArtifactStore:
@@ -164,8 +181,9 @@ def run_job(
     execute: Execute,
 ) -> str:
     """Claim job `job_id`, run `execute` under a heartbeat, record failures; returns what
-    happened: succeeded, failed, cancelled, skipped (not ours to run), lease_lost or
-    interrupted (the database went away; the job resumes once it is back)."""
+    happened: succeeded, failed, cancelled, skipped (not ours to run), lease_lost,
+    requeued (the worker is shutting down) or interrupted (the database went away; the job
+    resumes once it is back)."""
     make_session = session_factory(settings.database_url)
     with make_session() as session:
         job = take_lease(session, job_id, owner, settings.lease_s)
@@ -286,10 +304,12 @@ def _train_and_register(
         ),
         checkpoint_path=checkpoint,
         on_progress=ProgressWriter(session, settings, job, owner, state),
-        should_stop=state.stop.is_set,
+        should_stop=state.should_stop,
     )
     if state.lease_lost:
         return "lease_lost"  # another run owns the job now; leave everything to it
+    if info is None and not state.cancelled and shutdown_requested():
+        return stopped_for_shutdown(session, settings, job, owner)
     if info is None:
         finish(session, job, "cancelled", owner=owner)
         session.commit()

@@ -1,4 +1,8 @@
-"""Run Alembic migrations programmatically (`bit migrate`, and `bit serve` at start)."""
+"""Run Alembic migrations programmatically (`bit migrate`, and `bit serve` at start).
+
+The migration scripts ship inside the package (service/db/migrations, package data), so an
+installed wheel migrates from any working folder; nothing is read from a checkout.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,18 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(database_url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "migrations"))
+    """Alembic's configuration for `database_url`, built in code (no alembic.ini needed)."""
+    if not (SCRIPTS / "env.py").is_file():
+        raise RuntimeError(
+            f"the migration scripts are missing from {SCRIPTS}: the package is incomplete; "
+            "reinstall it (pip install --force-reinstall bit-service)"
+        )
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPTS))
     config.attributes["url"] = database_url
     return config
 

@@ -109,3 +109,37 @@ def finish(
         session.refresh(job)
         add_event(session, job, status, worker=owner, detail=error)
     return done == 1
+
+
+def requeue(session: Session, job: Job, *, owner: str, detail: str) -> bool:
+    """running -> queued for a run that stopped itself at a checkpoint (its worker is
+    shutting down): the lease is released so the next delivery resumes at once, without
+    waiting for the lease to run out. False if the run no longer owns the job."""
+    done = rows_changed(
+        session,
+        update(Job)
+        .where(Job.id == job.id, Job.lease_owner == owner, Job.status == "running")
+        .values(status="queued", lease_owner=None, lease_expires_at=None, enqueued_at=utcnow()),
+    )
+    if done == 1:
+        session.refresh(job)
+        add_event(session, job, "requeued", worker=owner, detail=detail)
+    return done == 1
+
+
+def expire_leases_of(session: Session, owner: str) -> list[int]:
+    """Mark the leases of a worker known to be dead (its supervisor saw it exit) as run
+    out, so the reconciler re-sends its jobs on its next pass instead of a lease later.
+    Returns the ids of those jobs; the caller commits."""
+    ids = list(
+        session.scalars(
+            select(Job.id).where(Job.lease_owner == owner, Job.status.in_(ACTIVE))
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids), Job.lease_owner == owner)
+            .values(lease_expires_at=utcnow() - dt.timedelta(seconds=1))
+        )
+    return ids
