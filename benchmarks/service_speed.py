@@ -68,12 +68,12 @@ from replay_client import ReplayConnection, ReplayError, encode
 
 from bit_core.checkpoint import ModelInfo, save_model
 from bit_core.predict import Predictor
+from service.db.artifacts import store_for
 from service.db.models import Model
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.e2e.live import LiveService, answers_ok
 from tests.polling import free_port, wait_for
-from worker.runner import artifact_store
 
 TAG = "service_speed"
 CONCURRENCY = (1, 8, 32, 64)  # 32: the batcher's default max batch
@@ -115,7 +115,7 @@ def register_model(home: Path, model: torch.nn.Module, crop: int) -> int:
     """Save `model` to the artifact store under `home` and add its row, as the worker does
     after a fine-tuning run; returns the model id."""
     settings = Settings(home=home)
-    store = artifact_store(settings)
+    store = store_for(settings)
     classes = [f"class{index}" for index in range(NUM_CLASSES)]
     info = save_model(
         store.local_dir(MODEL_KEY),

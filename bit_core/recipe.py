@@ -18,7 +18,14 @@ from bit_core.linear import fit_linear
 from bit_core.npz import load_bit_npz
 from bit_core.registry import ARCHITECTURES, OFFICIAL_MODELS, create_model
 from bit_core.resnetv2 import ResNetV2
-from bit_core.train import ProgressCallback, RunConfig, StopCheck, TrainResult, finetune
+from bit_core.train import (
+    CheckpointHook,
+    ProgressCallback,
+    RunConfig,
+    StopCheck,
+    TrainResult,
+    finetune,
+)
 from bit_core.weights import default_weights_dir, find, infer_npz_architecture
 
 
@@ -83,6 +90,7 @@ def run_finetune(
     checkpoint_path: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> tuple[TrainResult, ModelInfo | None]:
     """Train per `plan.mode` and save the model to `out_dir`.
 
@@ -106,6 +114,7 @@ def run_finetune(
             checkpoint_path=checkpoint_path,
             on_progress=on_progress,
             should_stop=should_stop,
+            on_checkpoint=on_checkpoint,
         )
     finished = plan.mode == "linear" or result.steps_done >= plan.total_steps
     if result.cancelled or not finished:

@@ -84,6 +84,7 @@ class TrainResult:
 ProgressCallback = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
 EvalHook = Callable[[int], dict[str, Any] | None]
+CheckpointHook = Callable[[Path], None]
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -126,6 +127,7 @@ def train_loop(
     image_side: int = 0,
     wrap: Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None,
     writes_checkpoints: bool = True,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> TrainResult:
     """Run `schedule` on `model`, resuming from `checkpoint_path` when it exists.
 
@@ -145,6 +147,8 @@ def train_loop(
         image_side: training crop size; picks the memory layout (`use_channels_last`).
         wrap: builds the forward callable from the placed model (e.g. DistributedDataParallel).
         writes_checkpoints: False on data-parallel ranks other than 0 (they only read).
+        on_checkpoint: called with the checkpoint's path after each write (e.g. to copy it
+            to shared storage, so another host can resume the run).
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -190,6 +194,8 @@ def train_loop(
                 steps_done,
                 {**meta, "history": history, "evaluations": evaluations},
             )
+            if on_checkpoint is not None:
+                on_checkpoint(Path(checkpoint_path))
 
     def validate(steps_done: int) -> None:
         if on_eval is not None:
@@ -267,6 +273,7 @@ def finetune(
     checkpoint_path: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on `train` with a BiT-HyperRule plan (full mode).
 
@@ -279,6 +286,7 @@ def finetune(
             the end (top-1, per-class metrics).
         checkpoint_path: resumable state; an existing file resumes the run.
         on_progress / should_stop: progress callback and cooperative cancel check.
+        on_checkpoint: called with the checkpoint's path after each write.
 
     Returns:
         The TrainResult; `result.model` holds the trained weights.
@@ -325,4 +333,5 @@ def finetune(
         should_stop=should_stop,
         on_eval=on_eval,
         image_side=plan.crop,
+        on_checkpoint=on_checkpoint,
     )

@@ -8,7 +8,6 @@ loop; the API-key lookup takes a thread only when it must ask the database.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal
 from service.datasets.schemas import error_responses
-from service.db.artifacts import ArtifactStore, open_store
+from service.db.artifacts import ArtifactStore, store_for
 from service.db.models import MAX_ID
 from service.db.session import session_factory
 from service.errors import ApiError
@@ -54,16 +53,6 @@ async def get_session(settings: SettingsDep) -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-
-
-@lru_cache(maxsize=4)
-def _store(url: str, cache: str) -> ArtifactStore:
-    return open_store(url, cache)
-
-
-def store_for(settings: Settings) -> ArtifactStore:
-    """The process's artifact store for `settings` (opened once)."""
-    return _store(settings.artifacts_url, str(settings.home.resolve() / "cache"))
 
 
 async def get_store(settings: SettingsDep) -> ArtifactStore:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from tests.factories import make_image_folder
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,3 +35,15 @@ def train_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def val_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Held-out images of the same 3 classes."""
     return make_image_folder(tmp_path_factory.mktemp("val"), per_class=4, seed=1)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3-compatible server (moto) on loopback for the session; tests take buckets."""
+    from tests.s3_server import S3Server  # the engine's tests run without the API's packages
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -22,7 +22,7 @@ from celery import Celery
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db.artifacts import open_store
+from service.db.artifacts import store_for
 from service.db.models import Job, Worker, utcnow
 from service.db.orphans import sweep_orphans
 from service.db.session import session_factory
@@ -145,11 +145,7 @@ class Reconciler(threading.Thread):
                     if time.monotonic() - self.swept_at >= self.settings.orphan_sweep_every_s:
                         self.swept_at = time.monotonic()
                         sweep_orphans(
-                            session,
-                            open_store(
-                                self.settings.artifacts_url, self.settings.home.resolve() / "cache"
-                            ),
-                            grace_s=self.settings.orphan_grace_s,
+                            session, store_for(self.settings), grace_s=self.settings.orphan_grace_s
                         )
                 if resent:
                     log.info("reconciler re-sent jobs %s", resent)

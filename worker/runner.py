@@ -17,14 +17,14 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from bit_core.checkpoint import sha256_file
+from bit_core.checkpoint import WEIGHTS_FILE, sha256_file
 from bit_core.hyperrule import Plan
 from bit_core.images import ImageDecodeError
 from bit_core.npz import CheckpointError
 from bit_core.recipe import resolve_base, run_finetune
 from bit_core.train import Progress, RunConfig
 from service.datasets.service import labeled_images
-from service.db.artifacts import ArtifactStore, open_store
+from service.db.artifacts import ArtifactStore, store_for
 from service.db.models import Job, JobMetric, Model
 from service.db.session import session_factory
 from service.errors import database_unavailable, storage_error
@@ -35,6 +35,8 @@ from worker.shutdown import shutdown_requested
 from worker.webhook import deliver_result
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.safetensors"
 
 # Errors of the input, not of the machine: reported with a code, not a traceback.
 USER_ERRORS: dict[type[BaseException], str] = {
@@ -66,10 +68,6 @@ def stopped_for_shutdown(session: Session, settings: Settings, job: Job, owner: 
     session.commit()
     send(session, settings, job)
     return "requeued"
-
-
-def artifact_store(settings: Settings) -> ArtifactStore:
-    return open_store(settings.artifacts_url, settings.home.resolve() / "cache")
 
 
 class Heartbeat(threading.Thread):
@@ -203,7 +201,7 @@ def run_job(
         heartbeat.start()
         try:
             # Inside the try: a full or read-only store fails the job here, with its code.
-            store = artifact_store(settings)
+            store = store_for(settings)
             checkpoint = checkpoint_for(store, job)
             kind = "resumed" if checkpoint.exists() else "started"
             add_event(session, job, kind, worker=owner)
@@ -262,13 +260,26 @@ def record_failure(session: Session, job: Job, owner: str, exc: Exception) -> st
     return "interrupted"
 
 
+def checkpoint_key(job: Job) -> str:
+    return f"jobs/{job.id}/{CHECKPOINT_FILE}"
+
+
+def finetune_checkpoint(store: ArtifactStore, job: Job) -> Path:
+    """The job's checkpoint in this host's work folder, fetched from the store: the store's
+    copy is the truth (the last run may have been on another host)."""
+    path = store.local_dir(f"jobs/{job.id}") / CHECKPOINT_FILE
+    if not store.fetch_file(checkpoint_key(job), path):
+        path.unlink(missing_ok=True)  # a local leftover the store never got: start afresh
+    return path
+
+
 def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
     """Run fine-tuning job `job_id` if it can be claimed (resuming from its checkpoint)."""
     return run_job(
         settings,
         job_id,
         owner,
-        checkpoint_for=lambda store, job: store.local_dir(f"jobs/{job.id}") / "state.safetensors",
+        checkpoint_for=finetune_checkpoint,
         execute=_train_and_register,
     )
 
@@ -291,11 +302,12 @@ def _train_and_register(
         )
     base = resolve_base(job.base_model, settings.weights_dir)
     model_key = f"jobs/{job.id}/model"
+    model_dir = store.local_dir(model_key)
     result, info = run_finetune(
         train,
         base,
         plan,
-        store.local_dir(model_key),
+        model_dir,
         config=RunConfig(
             seed=job.id,
             device=settings.device,
@@ -305,6 +317,7 @@ def _train_and_register(
         checkpoint_path=checkpoint,
         on_progress=ProgressWriter(session, settings, job, owner, state),
         should_stop=state.should_stop,
+        on_checkpoint=lambda path: store.put_file(checkpoint_key(job), path),
     )
     if state.lease_lost:
         return "lease_lost"  # another run owns the job now; leave everything to it
@@ -314,9 +327,11 @@ def _train_and_register(
         finish(session, job, "cancelled", owner=owner)
         session.commit()
         return "cancelled"
-    weights = store.local_dir(model_key) / "weights.safetensors"
+    weights = model_dir / WEIGHTS_FILE
     if sha256_file(weights) != info.sha256:
         raise OSError(f"model file of job {job.id} is corrupt after writing; retry the job")
+    # Files first, manifest last: no host loads the model before all of it is stored.
+    store.publish_dir(model_key, model_dir)
     model = Model(
         tenant=job.tenant,
         job_id=job.id,

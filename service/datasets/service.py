@@ -35,7 +35,7 @@ from service.datasets.uploads import (
     display_name,
     printable,
 )
-from service.db.artifacts import ArtifactStore, LocalArtifactStore, cleanup_on_error
+from service.db.artifacts import ArtifactStore, cleanup_on_error
 from service.db.models import Dataset, Image, Job
 from service.errors import ApiError, not_found
 from service.settings import Settings
@@ -332,26 +332,22 @@ def describe_upload(
 def labeled_images(session: Session, store: ArtifactStore, dataset_id: int) -> LabeledImages:
     """A dataset as bit_core's LabeledImages: classes sorted by name, images by id.
 
-    Sources are file paths for a local store (decoded lazily, by DataLoader workers too)
-    and bytes otherwise, fetched here once.
+    Sources are file paths (decoded lazily, by DataLoader workers too): the store's own
+    files, or a remote store's copies in this host's cache, checked by sha256.
     """
     rows = list(
         session.execute(
-            select(Image.label, Image.uri, Image.filename)
+            select(Image.label, Image.uri, Image.filename, Image.sha256)
             .where(Image.dataset_id == dataset_id)
             .order_by(Image.id)
         )
     )
     if not rows:
         raise ValueError(f"dataset {dataset_id} does not exist or has no images")
-    sources: list[ImageSource]
-    if isinstance(store, LocalArtifactStore):
-        sources = [str(store.path(uri)) for _, uri, _ in rows]
-    else:
-        sources = [store.get_bytes(uri) for _, uri, _ in rows]
-    labels = [label for label, _, _ in rows]
+    sources: list[ImageSource] = [str(store.cached_file(uri, sha)) for _, uri, _, sha in rows]
+    labels = [label for label, _, _, _ in rows]
     # Errors name the file as the user uploaded it, not its internal artifact key.
-    names = [f"{filename or uri} (label '{label}')" for label, uri, filename in rows]
+    names = [f"{filename or uri} (label '{label}')" for label, uri, filename, _ in rows]
     return LabeledImages.from_pairs(
         list(zip(sources, labels, strict=True)), classes=sorted(set(labels)), names=names
     )

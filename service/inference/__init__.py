@@ -21,8 +21,7 @@ from fastapi import Depends, FastAPI, Request
 
 from bit_core.images import ImageDecodeError, ImageSource
 from bit_core.predict import Prediction, Predictor
-from service.db.artifacts import ArtifactStore
-from service.deps import store_for
+from service.db.artifacts import ArtifactStore, store_for
 from service.errors import ApiError
 from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store

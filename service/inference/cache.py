@@ -46,20 +46,13 @@ def load_from_store(
 ) -> Predictor:
     """Load a model directory from the artifact store; failures become ApiErrors.
 
-    bit_core checks the weights against the sha256 in model.json; we also check that
-    model.json is the one the database row recorded, so a replaced directory is caught.
+    A remote store's files are fetched into this host's cache and checked against the
+    model's manifest first. bit_core checks the weights against the sha256 in model.json;
+    we also check that model.json is the one the database row recorded, so a replaced
+    directory is caught.
     """
     try:
-        directory = store.local_dir(ref.uri)
-    except OSError as exc:
-        log.warning("artifact store unreachable loading model %s: %s", ref.id, exc)
-        raise ApiError(
-            503,
-            "artifact_store_unavailable",
-            f"the files of model {ref.id} cannot be read right now; retry in a few seconds",
-            retry_after=5,
-        ) from exc
-    try:
+        directory = store.fetch_dir(ref.uri)  # a remote store's files, checked, in the cache
         predictor = Predictor.load(directory, device=device, precision=precision)
     except FileNotFoundError as exc:
         log.error("model %s: files missing under %r: %s", ref.id, ref.uri, exc)
@@ -76,6 +69,14 @@ def load_from_store(
             "model_corrupt",
             f"the stored weights of model {ref.id} fail their integrity check; an operator "
             "must restore them from a backup, or fine-tune the model again",
+        ) from exc
+    except OSError as exc:
+        log.warning("artifact store unreachable loading model %s: %s", ref.id, exc)
+        raise ApiError(
+            503,
+            "artifact_store_unavailable",
+            f"the files of model {ref.id} cannot be read right now; retry in a few seconds",
+            retry_after=5,
         ) from exc
     if predictor.info is None or predictor.info.sha256 != ref.sha256:
         log.error("model %s: model.json sha256 differs from the database row", ref.id)

@@ -132,9 +132,7 @@ def expire_leases_of(session: Session, owner: str) -> list[int]:
     out, so the reconciler re-sends its jobs on its next pass instead of a lease later.
     Returns the ids of those jobs; the caller commits."""
     ids = list(
-        session.scalars(
-            select(Job.id).where(Job.lease_owner == owner, Job.status.in_(ACTIVE))
-        )
+        session.scalars(select(Job.id).where(Job.lease_owner == owner, Job.status.in_(ACTIVE)))
     )
     if ids:
         session.execute(

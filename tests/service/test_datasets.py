@@ -19,10 +19,11 @@ from sqlalchemy import func, select
 
 from service.datasets import service
 from service.datasets.uploads import UploadItem
-from service.db.artifacts import LocalArtifactStore
+from service.db.artifacts import LocalArtifactStore, open_store
 from service.db.models import Dataset, Image, Job
 from service.db.session import session_scope
 from service.settings import Settings
+from tests.s3_server import S3Server
 
 # Small enough that tests cross every limit with a few KB of generated images.
 SMALL_LIMITS = {
@@ -337,22 +338,27 @@ def test_labeled_images_for_training(
     assert local.typical_hw() == (12, 16)  # bit_core reads the stored files as they are
 
 
-def test_labeled_images_reads_bytes_from_a_non_local_store(
-    client: TestClient, user_headers: dict[str, str], settings: Settings
+def test_labeled_images_reads_a_bucket_through_the_cache(
+    client: TestClient,
+    user_headers: dict[str, str],
+    settings: Settings,
+    s3_server: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
+    """A worker on another host trains from the bucket: the images come from the store,
+    into this host's cache, each checked against the sha256 its row recorded."""
     dataset_id = upload(client, user_headers, two_classes()).json()["id"]
     local = LocalArtifactStore(settings.artifacts_url)
-
-    class BytesOnlyStore:
-        """An object store: no local paths."""
-
-        def get_bytes(self, key: str) -> bytes:
-            return local.get_bytes(key)
-
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = open_store(f"s3://{s3_server.new_bucket()}", tmp_path / "other-host")
     with session_scope(settings.database_url) as session:
-        images = service.labeled_images(session, BytesOnlyStore(), dataset_id)  # type: ignore[arg-type]
-    assert all(isinstance(source, bytes) for source in images.sources)
+        for uri in session.scalars(select(Image.uri).where(Image.dataset_id == dataset_id)):
+            bucket.put_bytes(uri, local.get_bytes(uri))
+        images = service.labeled_images(session, bucket, dataset_id)
     assert images.class_counts() == {"cat": 2, "dog": 2}
+    assert all(str(source).startswith(str(tmp_path / "other-host")) for source in images.sources)
 
 
 class FailingStore(LocalArtifactStore):
