@@ -185,8 +185,16 @@ def train_loop(
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return autocast_for(device, config.precision)
 
+    # What the state on disk holds: the final save is skipped when the cadence already
+    # wrote that very state (each write may be copied to remote storage as well).
+    saved: tuple[int, int] | None = None
+
     def checkpoint(steps_done: int) -> None:
-        if checkpoint_path is not None and writes_checkpoints:
+        nonlocal saved
+        if checkpoint_path is None or not writes_checkpoints:
+            return
+        if saved != (steps_done, len(evaluations)):
+            saved = (steps_done, len(evaluations))
             save_training_state(
                 checkpoint_path,
                 model,

@@ -86,6 +86,24 @@ def test_resume_is_bit_identical(train_folder: Path, tmp_path: Path, overrides: 
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in one_go.history]
 
 
+def test_each_checkpoint_is_handed_on_once(train_folder: Path, tmp_path: Path):
+    """on_checkpoint sees every saved state (a store copies it for other hosts), and the
+    final save is not repeated when the cadence already wrote that step."""
+    train = LabeledImages.from_folder(train_folder)
+    plan = small_plan(train, total_steps=6)
+    checkpoint = tmp_path / "state.safetensors"
+    seen: list[int] = []
+    finetune(
+        fresh_model(),
+        train,
+        plan,
+        RunConfig(seed=2, checkpoint_every=3),
+        checkpoint_path=checkpoint,
+        on_checkpoint=lambda path: seen.append(load_training_state(path).step),
+    )
+    assert seen == [3, 6]
+
+
 def test_micro_batches_keep_the_effective_batch(train_folder: Path):
     train = LabeledImages.from_folder(train_folder)
     plan = small_plan(train, total_steps=5)
