@@ -24,7 +24,7 @@ from sqlalchemy import select
 from bit_core.evaluate import metrics_from_logits
 from bit_core.images import ImageDecodeError, ImageSource
 from bit_core.predict import Predictor
-from service.db.artifacts import ArtifactStore, LocalArtifactStore
+from service.db.artifacts import ArtifactStore
 from service.db.models import Image, Job, Model
 from service.db.session import session_factory
 from service.inference.cache import ModelRef
@@ -46,12 +46,15 @@ def validation_report(model: Model) -> dict[str, Any] | None:
     return None
 
 
-def _round_robin(rows: list[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
-    """At most `limit` (label, uri) pairs taking classes in turn, so every class is seen."""
-    by_class: dict[str, list[tuple[str, str]]] = {}
+ImageRow = tuple[str, str, str]  # label, uri, sha256
+
+
+def _round_robin(rows: list[ImageRow], limit: int) -> list[ImageRow]:
+    """At most `limit` images, taking classes in turn, so every class is seen."""
+    by_class: dict[str, list[ImageRow]] = {}
     for row in rows:
         by_class.setdefault(row[0], []).append(row)
-    chosen: list[tuple[str, str]] = []
+    chosen: list[ImageRow] = []
     queues = [iter(items) for _, items in sorted(by_class.items())]
     while queues and len(chosen) < limit:
         alive = []
@@ -78,9 +81,9 @@ def evaluate_on_training_images(
             return {"unavailable": "the training images of this model are no longer stored"}
         classes = [str(c) for c in model.classes]
         rows = [
-            (label, uri)
-            for label, uri in session.execute(
-                select(Image.label, Image.uri)
+            (label, uri, sha256)
+            for label, uri, sha256 in session.execute(
+                select(Image.label, Image.uri, Image.sha256)
                 .where(Image.dataset_id == job.dataset_id, Image.label.in_(classes))
                 .order_by(Image.id)
             )
@@ -92,17 +95,16 @@ def evaluate_on_training_images(
     probabilities, labels, skipped = [], [], 0
     for start in range(0, len(chosen), BATCH):
         batch = chosen[start : start + BATCH]
-        sources: list[ImageSource] = [
-            str(store.path(uri)) if isinstance(store, LocalArtifactStore) else store.get_bytes(uri)
-            for _, uri in batch
-        ]
         try:
+            sources: list[ImageSource] = [
+                str(store.cached_file(uri, sha256)) for _, uri, sha256 in batch
+            ]
             pixels = predictor.preprocess(sources)
-        except (ImageDecodeError, OSError):
+        except (ImageDecodeError, OSError, ValueError):
             skipped += len(batch)  # a file lost from the store must not hide the rest
             continue
         probabilities.append(predictor.probabilities(pixels))
-        labels += [index[label] for label, _ in batch]
+        labels += [index[label] for label, _, _ in batch]
     if not labels:
         return {"unavailable": "none of the training images could be read"}
     # log-probabilities are logits up to a constant per row: same argmax, same loss.

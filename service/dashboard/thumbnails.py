@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from bit_core.images import REDUCING_GAP, ImageDecodeError, open_image
-from service.db.artifacts import ArtifactStore, LocalArtifactStore
+from service.db.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,9 @@ def thumbnail(
     if cached.exists():
         return cached.read_bytes()
     try:
-        source: str | bytes = (
-            str(store.path(uri)) if isinstance(store, LocalArtifactStore) else store.get_bytes(uri)
-        )
+        source = str(store.cached_file(uri, sha256))
         data = render(source, size, max_pixels=max_pixels)
-    except (ImageDecodeError, OSError) as exc:
+    except (ImageDecodeError, OSError, ValueError) as exc:
         log.warning("no thumbnail for %s: %s", uri, exc)
         return placeholder(size)  # not cached: the store may recover
     try:

@@ -93,7 +93,8 @@ def test_durations_read_like_a_person_writes_them(seconds, text):
 
 
 def test_the_training_image_sample_takes_every_class_in_turn():
-    rows = [("a", f"a{i}") for i in range(10)] + [("b", "b0"), ("c", "c0"), ("c", "c1")]
+    rows = [("a", f"a{i}", f"sha-a{i}") for i in range(10)]
+    rows += [("b", "b0", "sha-b0"), ("c", "c0", "sha-c0"), ("c", "c1", "sha-c1")]
     chosen = _round_robin(rows, 5)
-    assert [label for label, _ in chosen] == ["a", "b", "c", "a", "c"]
+    assert [label for label, _, _ in chosen] == ["a", "b", "c", "a", "c"]
     assert len(_round_robin(rows, 100)) == len(rows)
