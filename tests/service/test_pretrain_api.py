@@ -44,12 +44,19 @@ def test_slurm_script_runs_one_torchrun_per_node(tmp_path: Path):
         max_restarts=2,
         partition="gpu",
         gpus_per_node=8,
+        rdzv_id="bit-job7-a1",
     )
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
     assert "#SBATCH --partition=gpu" in script
-    assert '"--rdzv-endpoint" "$MASTER_ADDR:29500"' in script
+    assert '"--rdzv-endpoint" "$MASTER_ADDR:$MASTER_PORT"' in script  # a free port per job
+    assert '"--rdzv-id" "bit-job7-a1"' in script
     assert '"--nnodes" "4" "--nproc-per-node" "8"' in script
     local = torchrun_command(
-        tmp_path, nnodes=1, nproc_per_node=2, endpoint="127.0.0.1:1234", max_restarts=3
+        tmp_path,
+        nnodes=1,
+        nproc_per_node=2,
+        endpoint="127.0.0.1:1234",
+        max_restarts=3,
+        rdzv_id="bit-job7-a1",
     )
     assert local[-2:] == ["bit_core.pretrain_run", str(tmp_path)]
