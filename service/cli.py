@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
-import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from bit_core.cli import build_parser, run
 from service.settings import QUEUES, get_settings
+
+if TYPE_CHECKING:
+    import uvicorn
+
+# What signal.signal takes and returns.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def worker_command(queues: Sequence[str], loglevel: str = "INFO") -> list[str]:
@@ -122,7 +130,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.auth import has_admin_key
     from service.db.migrate import upgrade
     from service.db.session import session_scope
+    from service.supervisor import WorkerSupervisor
 
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
@@ -138,16 +150,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "  and send it as 'Authorization: Bearer <key>'",
             file=sys.stderr,
         )
-    worker = subprocess.Popen(worker_command(list(QUEUES), "WARNING"))
+    supervisor = WorkerSupervisor(settings, worker_command(list(QUEUES), "WARNING"))
+    server = _api_server(host, port)
+    stop_handlers = _stop_on_signals(server)
+    supervisor.start()
     try:
-        _serve_api(host, port)
+        server.run()
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-    return 0
+        supervisor.stop()
+        for sig, handler in stop_handlers.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1  # not started: e.g. the port is taken (logged)
+
+
+def _api_server(host: str, port: int) -> uvicorn.Server:
+    import uvicorn
+
+    config = uvicorn.Config(
+        "service.app:create_app", factory=True, host=host, port=port, log_level="info"
+    )
+    return uvicorn.Server(config)
+
+
+def _stop_on_signals(server: uvicorn.Server) -> dict[int, SignalHandler]:
+    """SIGTERM and SIGINT stop the API; `bit serve` then stops its worker and exits 0.
+
+    Why our own handlers: uvicorn's `Server.run` captures these signals and, after its
+    shutdown, raises them again with the handlers it found. With the defaults SIGTERM would
+    kill the process there, before the worker is stopped, leaving it orphaned. These
+    handlers make that re-raise harmless (and stop a server that is still starting).
+    Returns the handlers they replace.
+    """
+
+    def stop(signum: int, _: FrameType | None) -> None:
+        server.should_exit = True
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def build_service_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     progress_every_s: float = 1.0  # throttle for progress writes to the database
     checkpoint_every: int = 50
+    # `bit serve` supervises its worker (service/supervisor.py). A stopping worker gets a
+    # warm shutdown (its run checkpoints and requeues itself) and is killed after the stop
+    # bound; one that dies is restarted after a backoff doubling from `..._backoff_s` up to
+    # `..._backoff_max_s`, reset once a worker has run `worker_stable_s`. An orphaned worker
+    # (its `bit serve` was killed) also exits the stop bound after its shutdown began.
+    worker_stop_timeout_s: float = Field(default=30.0, gt=0)
+    worker_restart_backoff_s: float = Field(default=1.0, ge=0)
+    worker_restart_backoff_max_s: float = Field(default=60.0, ge=0)
+    worker_stable_s: float = Field(default=60.0, ge=0)
     # Files a killed upload or write left behind are removed once this old (see
     # service.db.orphans); far longer than any upload takes, as one may still be in flight.
     orphan_grace_s: float = 3600.0

@@ -101,6 +101,12 @@ def workers(session: Session, settings: Settings) -> list[WorkerRow]:
     return rows
 
 
+def alive_workers(session: Session, settings: Settings) -> int:
+    """How many workers heartbeat within the last `ALIVE_BEATS` reconcile beats."""
+    since = utcnow() - dt.timedelta(seconds=ALIVE_BEATS * settings.reconcile_every_s)
+    return session.scalar(select(func.count()).where(Worker.last_seen >= since)) or 0
+
+
 def recent_failures(session: Session, limit: int = 10) -> list[Job]:
     return list(
         session.scalars(

@@ -9,11 +9,12 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
+from sqlalchemy import delete
 
 from bit_core import weights
 from service.app import create_app
 from service.dashboard.thumbnails import SIZES
-from service.db.models import Image, Job
+from service.db.models import Image, Job, Worker
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.dashboard.conftest import CLASSES, Seeded, csrf_of, new_key, png, seed, sign_in
@@ -68,6 +69,15 @@ def test_overview_shows_status_counts_queues_workers_and_failures(
     assert "w2@old gone old cpu pretrain idle" in page
     assert "ValueError: the loss diverged" in page
     assert "failed 1 0" in page and "queued 1 1" in page  # finetune, pretrain columns
+    assert "No worker is alive" not in page
+
+
+def test_overview_warns_when_no_worker_is_alive(admin: TestClient, settings: Settings):
+    with session_scope(settings.database_url) as session:
+        session.execute(delete(Worker).where(Worker.name == "w1@gpu-1"))  # only "gone" left
+    page = text_of(admin.get("/admin").text)
+    assert "workers alive 0" in page
+    assert "No worker is alive: queued jobs wait until one starts." in page
 
 
 def test_jobs_are_filtered_paginated_with_progress_and_eta(admin: TestClient, seeded: Seeded):

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from fastapi.testclient import TestClient
+
+from service.db.models import Worker, utcnow
+from service.db.session import session_scope
+from service.settings import Settings
 
 
 def test_healthz_and_readyz(client: TestClient):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "artifacts": "ok"}
+    checks = ready.json()["checks"]
+    assert {k: checks[k] for k in ("database", "broker", "artifacts")} == dict.fromkeys(
+        ("database", "broker", "artifacts"), "ok"
+    )
+
+
+def test_readyz_says_when_no_worker_is_alive_but_stays_ready(
+    client: TestClient, settings: Settings
+):
+    none_yet = client.get("/readyz")
+    assert none_yet.status_code == 200  # an API host still serves predictions
+    assert none_yet.json()["workers_alive"] is False
+    assert none_yet.json()["checks"]["workers"] == (
+        "none alive: queued jobs wait until a worker starts"
+    )
+
+    gone = utcnow() - dt.timedelta(seconds=4 * settings.reconcile_every_s)
+    with session_scope(settings.database_url) as session:
+        session.add(
+            Worker(name="old:1", host="old", device="cpu", queues="finetune", last_seen=gone)
+        )
+    assert client.get("/readyz").json()["workers_alive"] is False  # missed 3 beats: gone
+
+    with session_scope(settings.database_url) as session:
+        for name in ("a:1", "b:2"):
+            session.add(Worker(name=name, host=name, device="cpu", queues="finetune"))
+    ready = client.get("/readyz").json()
+    assert ready["workers_alive"] is True
+    assert ready["checks"]["workers"] == "2 alive"
 
 
 def test_metrics_count_requests(client: TestClient):

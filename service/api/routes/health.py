@@ -1,4 +1,4 @@
-"""Liveness, readiness (database, broker, artifact store) and Prometheus metrics."""
+"""Liveness, readiness (database, broker, artifact store; workers reported) and metrics."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
+from service.dashboard.queries import alive_workers
 from service.db.models import Job
 from service.deps import SessionDep, SettingsDep, StoreDep
 from service.metrics import JOBS_BY_STATUS, REGISTRY
 from service.queueing import celery_client
+from service.settings import Settings
 
 router = APIRouter(tags=["health"])
 
@@ -25,7 +28,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: database, broker and artifact store reachable")
 def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONResponse:
-    """503 with the failing component(s) named if any dependency is down."""
+    """503 with the failing component(s) named if any dependency is down; also says how
+    many workers are alive (`workers_alive` false: queued jobs wait for one)."""
     checks: dict[str, Any] = {}
     try:
         session.execute(text("SELECT 1"))
@@ -44,7 +48,26 @@ def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONR
     except OSError as exc:
         checks["artifacts"] = f"not writable: {exc.strerror or exc}"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    # Reported, not required: an API host whose workers run elsewhere (or start later)
+    # still serves predictions; queued jobs wait until a worker heartbeats.
+    checks["workers"], alive = _workers(session, settings, checks["database"] == "ok")
+    return JSONResponse(
+        {"ready": ready, "checks": checks, "workers_alive": alive},
+        status_code=200 if ready else 503,
+    )
+
+
+def _workers(session: Session, settings: Settings, database_ok: bool) -> tuple[str, bool]:
+    """(what to report, whether any worker heartbeats) for the readiness body."""
+    if not database_ok:
+        return "unknown: the database is unreachable", False
+    try:
+        alive = alive_workers(session, settings)
+    except Exception as exc:  # e.g. a schema not migrated yet: report, do not fail
+        return f"unknown: {type(exc).__name__}", False
+    if not alive:
+        return "none alive: queued jobs wait until a worker starts", False
+    return f"{alive} alive", True
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
