@@ -4,7 +4,6 @@ server on loopback). The processes are the installed package's `bit` commands.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -21,7 +20,7 @@ import sqlalchemy as sa
 from service.queueing import enqueue_job
 from service.settings import Settings
 from tests.deployment.installed import Installed, Process, tails
-from tests.e2e.live import answers_ok, labeled_uploads
+from tests.e2e.live import answers_ok, labeled_uploads, submit_finetune
 from tests.polling import free_port, wait_for
 from tests.s3_server import S3Server
 from tests.service.conftest import REDIS_URL
@@ -162,17 +161,6 @@ def cluster(
                 process.stop()
 
 
-def fine_tune(client: httpx.Client, plan: dict[str, Any], seed: int) -> int:
-    files, labels = labeled_uploads(per_class=5, seed=seed)
-    answer = client.post(
-        "/v1/finetune/upload",
-        files=files,
-        data={"labels": labels, "base_model": "R14x0.5", "overrides": json.dumps(plan)},
-    )
-    assert answer.status_code in (200, 201, 202), answer.text
-    return int(answer.json()["id"])
-
-
 def predicts_truth(client: httpx.Client, model_id: int) -> bool:
     held_out, truth = labeled_uploads(per_class=1, seed=11)
     answer = client.post("/v1/predict", files=held_out, data={"model_id": str(model_id)})
@@ -185,7 +173,7 @@ def test_a_model_trained_on_one_host_is_served_by_another(cluster: Cluster):
     host_b = cluster.host("b")
     host_b.start("worker", "--queues", "finetune")
     with cluster.client() as client:
-        job_id = fine_tune(client, PLAN, seed=3)
+        job_id = submit_finetune(client, PLAN, seed=3)
         job = cluster.wait_job(client, job_id)
         assert job["status"] == "succeeded", (job, cluster.logs())
         assert predicts_truth(client, job["model_id"])
@@ -211,7 +199,7 @@ def test_a_job_survives_its_host_and_resumes_from_the_bucket(cluster: Cluster):
     host_b, host_c = cluster.host("b"), cluster.host("c")
     worker_b = host_b.start("worker", "--queues", "finetune")
     with cluster.client() as client:
-        job_id = fine_tune(client, LONG_PLAN, seed=5)
+        job_id = submit_finetune(client, LONG_PLAN, seed=5)
         checkpoint = f"bit/jobs/{job_id}/state.safetensors"
 
         def checkpointed() -> dict[str, Any] | None:
@@ -251,7 +239,7 @@ def test_two_workers_on_one_queue_never_run_a_job_twice(cluster: Cluster):
     cluster.start_api("a")
     workers = [cluster.host(name).start("worker", "--queues", "finetune") for name in "bc"]
     with cluster.client() as client:
-        job_ids = [fine_tune(client, PLAN, seed=20 + n) for n in range(4)]
+        job_ids = [submit_finetune(client, PLAN, seed=20 + n) for n in range(4)]
         settings = cluster.settings()
         for job_id in job_ids:  # every job delivered twice, as a re-sent message would be
             enqueue_job(settings, job_id, "finetune")

@@ -4,6 +4,7 @@ configured only through the environment, as in production."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -49,6 +50,18 @@ def labeled_uploads(
             files.append(("files", (f"{name}-{i}.png", data, "image/png")))
             labels.append(name)
     return files, labels
+
+
+def submit_finetune(client: httpx.Client, plan: dict[str, Any], seed: int = 3) -> int:
+    """Upload 5 images of each class with a tiny R14x0.5 fine-tune of `plan`; the job id."""
+    files, labels = labeled_uploads(per_class=5, seed=seed)
+    response = client.post(
+        "/v1/finetune/upload",
+        files=files,
+        data={"labels": labels, "base_model": "R14x0.5", "overrides": json.dumps(plan)},
+    )
+    assert response.status_code in (200, 201, 202), response.text
+    return int(response.json()["id"])
 
 
 @dataclass

@@ -7,7 +7,6 @@ The figures (seconds from a kill to the job's next progress, shutdown times) are
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from service.db.session import session_scope
 from service.settings import Settings
 from service.supervisor import SUPERVISOR_PID_ENV, WorkerSupervisor, worker_owner
 from tests.e2e.conftest import service_env
-from tests.e2e.live import answers_ok, labeled_uploads
+from tests.e2e.live import answers_ok, submit_finetune
 from tests.polling import free_port, wait_for
 from worker.shutdown import EXIT_STOP_TIMEOUT
 
@@ -186,14 +185,7 @@ def make_serve(tmp_path: Path) -> Iterator[Any]:
 
 
 def submit(client: httpx.Client) -> int:
-    files, labels = labeled_uploads(per_class=5, seed=3)
-    response = client.post(
-        "/v1/finetune/upload",
-        files=files,
-        data={"labels": labels, "base_model": "R14x0.5", "overrides": json.dumps(PLAN)},
-    )
-    assert response.status_code in (200, 201, 202), response.text
-    return int(response.json()["id"])
+    return submit_finetune(client, PLAN)
 
 
 def mid_run(serve: Serve, client: httpx.Client, job_id: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from service.settings import Settings
 from tests.e2e.live import png_bytes
 from tests.factories import CLASS_STYLES
 from tests.polling import wait_for
+from tests.worker.conftest import job_row
 from tests.worker.webhook_receiver import webhook_receiver
 from worker.runner import run_finetune_job
 
@@ -52,13 +53,6 @@ def make_job(settings: Settings, *, callback_url: str | None = None, steps: int 
             callback_url=callback_url,
         )
         return job.id
-
-
-def job_row(settings: Settings, job_id: int) -> Job:
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def test_a_job_runs_and_registers_its_model(sqlite_settings: Settings):

@@ -24,6 +24,7 @@ from service.db.models import Job
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.polling import wait_for
+from tests.worker.conftest import job_row
 from worker.pretrain import SLURM_JOB_ID, run_dir_of, run_pretrain_job
 
 COMMANDS = Path(__file__).parent / "fake_slurm" / "commands.py"
@@ -101,13 +102,6 @@ def make_pretrain_job(settings: Settings) -> int:
         session.add(job)
         session.flush()
         return job.id
-
-
-def job_row(settings: Settings, job_id: int) -> Job:
-    with session_scope(settings.database_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def update_job(settings: Settings, job_id: int, **values: Any) -> None:
