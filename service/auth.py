@@ -6,11 +6,13 @@ import datetime as dt
 import hashlib
 import secrets
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey
+from service.errors import not_found
 
 KEY_PREFIX = "bit_"
 ROLES = ("user", "admin")
@@ -27,6 +29,29 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+class Owned(Protocol):
+    """A row that belongs to a tenant (dataset, job, model)."""
+
+    @property
+    def tenant(self) -> str: ...
+
+
+OwnedRow = TypeVar("OwnedRow", bound=Owned)
+
+
+def visible(principal: Principal, row: Owned | None) -> bool:
+    """Whether `principal` may see `row`: its own tenant's, or any if admin."""
+    return row is not None and (principal.is_admin or row.tenant == principal.tenant)
+
+
+def require_visible(principal: Principal, row: OwnedRow | None, what: str, ident: int) -> OwnedRow:
+    """`row` if `principal` may see it; otherwise the 404 of a missing `what` `ident`:
+    another tenant's row answers exactly like a missing one, so ids reveal nothing."""
+    if row is None or not visible(principal, row):
+        raise not_found(what, ident)
+    return row
 
 
 def hash_key(key: str) -> str:

@@ -27,7 +27,6 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from bit_core import weights
@@ -36,9 +35,9 @@ from bit_core.train import RunConfig
 from bit_core.upstream import UpstreamPlan
 from service.db.artifacts import ArtifactStore
 from service.db.models import BaseModelRecord, Job, JobMetric
-from service.jobs.lifecycle import finish
+from service.jobs.lifecycle import JobStatus, finish, record_progress
 from service.settings import Settings
-from worker.runner import RunState, run_job, stopped_for_shutdown
+from worker.job_run import RunState, run_job, stopped_for_shutdown
 from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -285,16 +284,15 @@ def _record(session: Session, job: Job, owner: str, records: list[dict]) -> None
     if not records:
         return
     last = records[-1]
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.lease_owner == owner)
-        .values(
-            step=last["step"],
-            total_steps=last["total_steps"],
-            progress=last["step"] / max(1, last["total_steps"]),
-            images_per_s=last["images_per_s"],
-            eta_s=last["eta_s"],
-        )
+    record_progress(
+        session,
+        job,
+        owner,
+        step=last["step"],
+        total_steps=last["total_steps"],
+        progress=last["step"] / max(1, last["total_steps"]),
+        images_per_s=last["images_per_s"],
+        eta_s=last["eta_s"],
     )
     session.add_all(
         JobMetric(
@@ -360,10 +358,10 @@ def _supervise(
         return "lease_lost"
     if tail.outcome != "finished" and not state.cancelled and shutdown_requested():
         return stopped_for_shutdown(session, settings, job, owner)  # it resumes elsewhere
-    if tail.outcome == "cancelled" or state.cancelled:
-        finish(session, job, "cancelled", owner=owner)
+    if tail.outcome == "cancelled" or state.cancelled:  # the ranks' outcome, not a status
+        finish(session, job, JobStatus.CANCELLED, owner=owner)
         session.commit()
-        return "cancelled"
+        return JobStatus.CANCELLED
     if process.returncode != 0 or tail.outcome != "finished":
         output = (run_dir / "launcher.log").read_text(errors="replace")[-4000:]
         raise RuntimeError(f"the distributed run exited with {process.returncode}:\n{output}")
@@ -398,11 +396,11 @@ def _register(
     record.sha256, record.job_id = entry.sha256, job.id
     job.metrics = {"base_model": name, "final_loss": final_loss}
     job.progress = 1.0
-    if not finish(session, job, "succeeded", owner=owner):
+    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
         session.rollback()
         return "lease_lost"
     session.commit()
-    return "succeeded"
+    return JobStatus.SUCCEEDED
 
 
 def run_pretrain_job(settings: Settings, job_id: int, owner: str) -> str:

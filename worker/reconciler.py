@@ -19,14 +19,14 @@ import time
 from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.artifacts import store_for
 from service.db.models import Job, Worker, utcnow
 from service.db.orphans import sweep_orphans
 from service.db.session import session_factory
-from service.jobs.lifecycle import add_event, rows_changed
+from service.jobs.lifecycle import JobStatus, add_event, finish, reclaim_dead_run, requeue
 from service.jobs.service import send
 from service.queueing import celery_client
 from service.settings import QUEUES, Settings
@@ -63,42 +63,43 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
     stale = now - timedelta(seconds=settings.queued_grace_s)
     waiting = session.scalars(
         select(Job).where(
-            Job.status == "queued", Job.lease_owner.is_(None), Job.enqueued_at < stale
+            Job.status == JobStatus.QUEUED, Job.lease_owner.is_(None), Job.enqueued_at < stale
         )
     ).all()
     # Measured before this pass sends anything, so its own messages are not counted.
     depths = queue_depths(celery_client(settings)) if waiting else {}
     dead = session.scalars(
-        select(Job).where(Job.status.in_(("running", "cancelling")), Job.lease_expires_at < now)
+        select(Job).where(
+            Job.status.in_((JobStatus.RUNNING, JobStatus.CANCELLING)), Job.lease_expires_at < now
+        )
     ).all()
     for job in dead:
-        claimed = rows_changed(  # only one reconciler acts on a given dead run
-            session,
-            update(Job)
-            .where(Job.id == job.id, Job.lease_expires_at == job.lease_expires_at)
-            .values(lease_owner=None, lease_expires_at=None),
-        )
-        if claimed != 1:
+        if not reclaim_dead_run(session, job):  # only one reconciler acts on a given dead run
             continue
-        session.refresh(job)
-        if job.status == "cancelling":
-            job.status, job.finished_at = "cancelled", now
-            add_event(session, job, "cancelled", detail="run died while cancelling")
+        if job.status == JobStatus.CANCELLING:
+            finish(
+                session, job, JobStatus.CANCELLED, owner=None, detail="run died while cancelling"
+            )
             ended(session, settings, job)
             continue
         if job.attempts >= settings.max_attempts:
-            job.status, job.finished_at = "failed", now
-            job.error_code = "too_many_attempts"
-            job.error = (
-                f"the job's run died {job.attempts} times (last at step {job.step}), so it is "
-                "not re-sent again; look in the worker logs for what killed it (e.g. out of "
-                f"memory), then retry it (POST /v1/jobs/{job.id}/retry)"
+            finish(
+                session,
+                job,
+                JobStatus.FAILED,
+                owner=None,
+                error_code="too_many_attempts",
+                error=(
+                    f"the job's run died {job.attempts} times (last at step {job.step}), so it "
+                    "is not re-sent again; look in the worker logs for what killed it (e.g. out "
+                    f"of memory), then retry it (POST /v1/jobs/{job.id}/retry)"
+                ),
             )
-            add_event(session, job, "failed", detail=job.error)
             ended(session, settings, job)
             continue
-        job.status = "queued"
-        add_event(session, job, "requeued", detail="heartbeat stale: the run died")
+        if not requeue(session, job, owner=None, detail="heartbeat stale: the run died"):
+            session.commit()
+            continue
         session.commit()
         send(session, settings, job)
         resent.append(job.id)

@@ -1,263 +1,27 @@
-"""Runs one fine-tuning job by id: lease, heartbeat, train (resuming), register the model.
-
-The task is redelivered if the process dies; the lease makes the redelivery wait until the
-dead run's lease expires (no two runs at once), and the checkpoint makes it resume.
+"""Runs one fine-tuning job by id: train (resuming from its checkpoint), register the
+model. The claim, heartbeat and failure handling around it are worker.job_run's.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from bit_core.checkpoint import WEIGHTS_FILE, sha256_file
 from bit_core.hyperrule import Plan
-from bit_core.images import ImageDecodeError
-from bit_core.npz import CheckpointError
 from bit_core.recipe import resolve_base, run_finetune
-from bit_core.train import Progress, RunConfig
+from bit_core.train import RunConfig
 from service.datasets.service import labeled_images
-from service.db.artifacts import ArtifactStore, store_for
-from service.db.models import Job, JobMetric, Model
-from service.db.session import session_factory
-from service.errors import database_unavailable, storage_error
-from service.jobs.lifecycle import add_event, finish, renew_lease, requeue, take_lease
-from service.jobs.service import send
+from service.db.artifacts import ArtifactStore
+from service.db.models import Job
+from service.jobs.lifecycle import JobStatus, finish
+from service.models.service import model_row
 from service.settings import Settings
+from worker.job_run import ProgressWriter, RunState, run_job, stopped_for_shutdown
 from worker.shutdown import shutdown_requested
-from worker.webhook import deliver_result
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.safetensors"
-
-# Errors of the input, not of the machine: reported with a code, not a traceback.
-USER_ERRORS: dict[type[BaseException], str] = {
-    ImageDecodeError: "invalid_image",
-    CheckpointError: "invalid_base_weights",
-    FloatingPointError: "training_diverged",
-}
-
-
-@dataclass
-class RunState:
-    """Shared between the training thread and the heartbeat thread."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    lease_lost: bool = False
-    cancelled: bool = False
-
-    def should_stop(self) -> bool:
-        """Polled between steps: a cancel, a lost lease, or the worker shutting down."""
-        return self.stop.is_set() or shutdown_requested()
-
-
-def stopped_for_shutdown(session: Session, settings: Settings, job: Job, owner: str) -> str:
-    """Put a run that stopped because its worker is shutting down back in the queue (its
-    checkpoint is saved), so the next worker resumes it without waiting for the lease."""
-    if not requeue(session, job, owner=owner, detail="the worker shut down; resumes next"):
-        session.rollback()
-        return "lease_lost"
-    session.commit()
-    send(session, settings, job)
-    return "requeued"
-
-
-class Heartbeat(threading.Thread):
-    """Renews the lease every `heartbeat_s`; flags cancel requests and a lost lease.
-
-    A run that cannot renew its lease (the database is unreachable) stops itself once half
-    the lease has passed since the last renewal: by the time the lease runs out and the
-    reconciler hands the job to another worker, this run is no longer training.
-    """
-
-    def __init__(self, settings: Settings, job_id: int, owner: str, state: RunState) -> None:
-        super().__init__(name=f"heartbeat-{job_id}", daemon=True)
-        self.settings, self.job_id, self.owner, self.state = settings, job_id, owner, state
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        make_session = session_factory(self.settings.database_url)
-        renewed_at = time.monotonic()  # the lease was just taken
-        while not self.done.wait(self.settings.heartbeat_s):
-            attempt_at = time.monotonic()  # the new expiry counts from before the UPDATE
-            try:
-                with make_session() as session:
-                    ours, cancel = renew_lease(
-                        session, self.job_id, self.owner, self.settings.lease_s
-                    )
-            except Exception:  # a DB blip: try again next beat; the lease has slack
-                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
-                if time.monotonic() - renewed_at > self.settings.lease_s / 2:
-                    log.error("job %s: lease not renewed for half of it; stopping", self.job_id)
-                    self.state.lease_lost = True
-                    self.state.stop.set()
-                continue
-            renewed_at = attempt_at
-            if not ours:
-                self.state.lease_lost = True
-            if cancel:
-                self.state.cancelled = True
-            if not ours or cancel:
-                self.state.stop.set()
-
-
-class ProgressWriter:
-    """Throttled progress: at most one DB write per `progress_every_s` (and the last step)."""
-
-    def __init__(self, session: Session, settings: Settings, job: Job, owner: str, state: RunState):
-        self.session, self.settings, self.job, self.owner, self.state = (
-            session,
-            settings,
-            job,
-            owner,
-            state,
-        )
-        self.last = 0.0
-
-    def __call__(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if (
-            now - self.last < self.settings.progress_every_s
-            and progress.step < progress.total_steps
-        ):
-            return
-        self.last = now
-        values = {
-            "step": progress.step,
-            "total_steps": progress.total_steps,
-            "progress": progress.step / max(1, progress.total_steps),
-            "images_per_s": progress.images_per_s,
-            "eta_s": progress.eta_s,
-        }
-        loss = progress.loss if progress.loss == progress.loss else None  # NaN -> NULL
-        try:
-            self.session.execute(
-                update(Job)
-                .where(Job.id == self.job.id, Job.lease_owner == self.owner)
-                .values(**values)
-            )
-            self.session.add(
-                JobMetric(
-                    job_id=self.job.id,
-                    step=progress.step,
-                    loss=loss,
-                    lr=progress.lr,
-                    images_per_s=progress.images_per_s,
-                )
-            )
-            cancel = self.session.scalar(select(Job.cancel_requested).where(Job.id == self.job.id))
-            self.session.commit()
-        except Exception as exc:
-            if not database_unavailable(exc):
-                raise
-            # Progress is best effort: training goes on, the heartbeat guards the lease.
-            self.session.rollback()
-            log.warning("progress of job %s not recorded: database unreachable", self.job.id)
-            return
-        if cancel:  # react within a step or two, not a heartbeat later
-            self.state.cancelled = True
-            self.state.stop.set()
-
-
-Execute = Callable[[Session, Settings, ArtifactStore, Job, str, RunState, Path], str]
-
-
-def run_job(
-    settings: Settings,
-    job_id: int,
-    owner: str,
-    *,
-    checkpoint_for: Callable[[ArtifactStore, Job], Path],
-    execute: Execute,
-) -> str:
-    """Claim job `job_id`, run `execute` under a heartbeat, record failures; returns what
-    happened: succeeded, failed, cancelled, skipped (not ours to run), lease_lost,
-    requeued (the worker is shutting down) or interrupted (the database went away; the job
-    resumes once it is back)."""
-    make_session = session_factory(settings.database_url)
-    with make_session() as session:
-        job = take_lease(session, job_id, owner, settings.lease_s)
-        if job is None:
-            return "skipped"  # finished, or a live run holds it: drop this delivery
-        if job.cancel_requested:
-            finish(session, job, "cancelled", owner=owner)
-            session.commit()
-            return "cancelled"
-        job.status = "running"
-        job.attempts += 1
-        job.started_at = job.started_at or job.heartbeat_at
-        session.commit()
-
-        state = RunState()
-        heartbeat = Heartbeat(settings, job.id, owner, state)
-        heartbeat.start()
-        try:
-            # Inside the try: a full or read-only store fails the job here, with its code.
-            store = store_for(settings)
-            checkpoint = checkpoint_for(store, job)
-            kind = "resumed" if checkpoint.exists() else "started"
-            add_event(session, job, kind, worker=owner)
-            session.commit()
-            outcome = execute(session, settings, store, job, owner, state, checkpoint)
-        except Exception as exc:
-            outcome = record_failure(session, job, owner, exc)
-        finally:
-            heartbeat.done.set()
-            heartbeat.join()
-        if outcome in ("succeeded", "failed", "cancelled") and job.callback_url:
-            deliver_result(settings, session, job)
-        return outcome
-
-
-def describe_failure(job: Job, exc: Exception) -> tuple[str, str, str | None]:
-    """(error code, message, traceback or None) for a run that raised `exc`."""
-    code = next((c for t, c in USER_ERRORS.items() if isinstance(exc, t)), None)
-    if code is not None:
-        return code, str(exc), None
-    known = storage_error(exc) if isinstance(exc, OSError) else None
-    if known is not None:
-        _, code, what = known
-        return (
-            code,
-            f"{what} ({exc}); job {job.id} stopped at step {job.step}: free space or make the "
-            f"store writable, then retry it (POST /v1/jobs/{job.id}/retry)",
-            None,
-        )
-    return "internal_error", f"{type(exc).__name__}: {exc}", traceback.format_exc()
-
-
-def record_failure(session: Session, job: Job, owner: str, exc: Exception) -> str:
-    """Mark the job failed for `exc`; but a lost database is not the job's fault: then the
-    lease is left to run out and the reconciler re-sends the job, which resumes."""
-    session.rollback()
-    if not database_unavailable(exc):
-        code, message, trace = describe_failure(job, exc)
-        try:
-            finish(
-                session,
-                job,
-                "failed",
-                owner=owner,
-                error=message,
-                error_code=code,
-                traceback=trace,
-            )
-            session.commit()
-            return "failed"
-        except Exception as db_exc:
-            if not database_unavailable(db_exc):
-                raise
-            session.rollback()
-    log.warning("job %s interrupted: the database is unreachable; it will resume", job.id)
-    return "interrupted"
 
 
 def checkpoint_key(job: Job) -> str:
@@ -324,28 +88,15 @@ def _train_and_register(
     if info is None and not state.cancelled and shutdown_requested():
         return stopped_for_shutdown(session, settings, job, owner)
     if info is None:
-        finish(session, job, "cancelled", owner=owner)
+        finish(session, job, JobStatus.CANCELLED, owner=owner)
         session.commit()
-        return "cancelled"
+        return JobStatus.CANCELLED
     weights = model_dir / WEIGHTS_FILE
     if sha256_file(weights) != info.sha256:
         raise OSError(f"model file of job {job.id} is corrupt after writing; retry the job")
     # Files first, manifest last: no host loads the model before all of it is stored.
     store.publish_dir(model_key, model_dir)
-    model = Model(
-        tenant=job.tenant,
-        job_id=job.id,
-        name=f"job-{job.id}",
-        arch=info.arch,
-        classes=info.classes,
-        crop=info.crop,
-        base_model=info.base_model,
-        plan=info.plan,
-        metrics=info.metrics,
-        uri=model_key,
-        sha256=info.sha256,
-        size_bytes=weights.stat().st_size,
-    )
+    model = model_row(info, job=job, uri=model_key, size_bytes=weights.stat().st_size)
     session.add(model)
     session.flush()
     job.model_id = model.id
@@ -353,8 +104,8 @@ def _train_and_register(
     job.step = result.steps_done
     job.progress = 1.0
     # One transaction: the model row exists exactly when the job says succeeded.
-    if not finish(session, job, "succeeded", owner=owner):
+    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
         session.rollback()
         return "lease_lost"
     session.commit()
-    return "succeeded"
+    return JobStatus.SUCCEEDED

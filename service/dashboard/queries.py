@@ -12,12 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Dataset, Image, Job, JobMetric, Model, Worker, utcnow
+from service.jobs.status import JobStatus
 from service.queueing import celery_client
 from service.settings import QUEUES, Settings
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+STATUSES: tuple[str, ...] = tuple(JobStatus)
 KINDS = ("finetune", "pretrain")
 ALIVE_BEATS = 3  # a worker missing this many reconcile beats is shown as gone
 
@@ -110,7 +111,7 @@ def alive_workers(session: Session, settings: Settings) -> int:
 def recent_failures(session: Session, limit: int = 10) -> list[Job]:
     return list(
         session.scalars(
-            select(Job).where(Job.status == "failed").order_by(Job.id.desc()).limit(limit)
+            select(Job).where(Job.status == JobStatus.FAILED).order_by(Job.id.desc()).limit(limit)
         )
     )
 

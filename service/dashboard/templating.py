@@ -14,6 +14,8 @@ from starlette.responses import Response
 
 from service.dashboard.queries import aware
 from service.db.models import utcnow
+from service.jobs.status import ACTIVE, RETRYABLE, TERMINAL, JobStatus
+from service.models.status import ModelStatus
 
 HERE = Path(__file__).parent
 TEMPLATES_DIR = HERE / "templates"
@@ -72,7 +74,15 @@ def percent(value: Any) -> str:
 
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 templates.env.filters.update(duration=duration, ago=ago, when=when, number=number, percent=percent)
-templates.env.globals.update(static=static_url)
+# Templates compare statuses with these, never with string literals of their own.
+templates.env.globals.update(
+    static=static_url,
+    JobStatus=JobStatus,
+    ModelStatus=ModelStatus,
+    ACTIVE_JOB=ACTIVE,
+    RETRYABLE_JOB=RETRYABLE,
+    TERMINAL_JOB=TERMINAL,
+)
 
 
 def page(

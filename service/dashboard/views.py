@@ -52,7 +52,7 @@ from service.deps import IdPath, SessionDep, SettingsDep, StoreDep
 from service.errors import ApiError
 from service.inference import Inference, InferenceDep
 from service.jobs import service as jobs
-from service.jobs.lifecycle import ACTIVE, TERMINAL
+from service.jobs.status import ACTIVE, RETRYABLE, TERMINAL
 from service.models import service as models
 from service.settings import Settings
 
@@ -266,7 +266,7 @@ def job_state(
         "status": job.status,
         "active": job.status in ACTIVE,
         "can_cancel": job.status not in TERMINAL,
-        "can_retry": job.status in ("failed", "cancelled"),
+        "can_retry": job.status in RETRYABLE,
         "progress": job.progress,
         "step": job.step,
         "total_steps": job.total_steps,

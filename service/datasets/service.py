@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from bit_core.data import LabeledImages
 from bit_core.images import ImageSource
-from service.auth import Principal
+from service.auth import Principal, require_visible
 from service.datasets.schemas import (
     DatasetRead,
     DatasetSummary,
@@ -37,12 +37,9 @@ from service.datasets.uploads import (
 )
 from service.db.artifacts import ArtifactStore, cleanup_on_error
 from service.db.models import Dataset, Image, Job
-from service.errors import ApiError, not_found
+from service.errors import ApiError
+from service.jobs.status import ACTIVE
 from service.settings import Settings
-
-# A job in one of these states still reads its dataset: deleting it would pull the images
-# from under a running job (or one about to run).
-ACTIVE_JOB_STATUSES = ("queued", "running", "cancelling")
 
 
 def dataset_prefix(dataset_id: int) -> str:
@@ -215,7 +212,7 @@ def delete_dataset(
     active = list(
         session.scalars(
             select(Job.id)
-            .where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_JOB_STATUSES))
+            .where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE))
             .order_by(Job.id)
         )
     )
@@ -239,11 +236,7 @@ def delete_dataset(
 
 def get_dataset(session: Session, *, dataset_id: int, principal: Principal) -> Dataset:
     """The dataset if the caller may see it (own tenant, or admin); 404 otherwise."""
-    dataset = session.get(Dataset, dataset_id)
-    # Another tenant's dataset answers exactly like a missing one: ids reveal nothing.
-    if dataset is None or (dataset.tenant != principal.tenant and not principal.is_admin):
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return require_visible(principal, session.get(Dataset, dataset_id), "dataset", dataset_id)
 
 
 def list_datasets(

@@ -22,6 +22,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from service.jobs.status import JobStatus
+from service.models.status import ModelStatus
+
 # Primary keys are Integer: int4 on PostgreSQL, so no row has a larger id. Inputs are checked
 # against it, since a value past 64 bits does not even reach SQLite (OverflowError).
 MAX_ID = 2**31 - 1
@@ -107,7 +110,7 @@ class Job(Timestamped, Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # finetune | pretrain
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
     base_model: Mapped[str] = mapped_column(String(256))
     mode: Mapped[str] = mapped_column(String(16), default="full")
@@ -179,7 +182,7 @@ class Model(Timestamped, Base):
     uri: Mapped[str] = mapped_column(String(512))  # artifact key of the model directory
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="ready")  # ready | archived
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.READY)
 
 
 class BaseModelRecord(Timestamped, Base):

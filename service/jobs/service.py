@@ -10,10 +10,12 @@ from sqlalchemy.orm import Session
 
 from bit_core.hyperrule import OVERRIDABLE, hyperrule
 from bit_core.recipe import BaseModelNotInstalled, resolve_base
-from service.auth import Principal
+from service.auth import Principal, require_visible
 from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, utcnow
-from service.errors import ApiError, not_found
+from service.errors import ApiError
+from service.jobs import lifecycle
 from service.jobs.lifecycle import add_event
+from service.jobs.status import RETRYABLE, TERMINAL, JobStatus
 from service.queueing import enqueue_job
 from service.settings import Settings
 
@@ -30,10 +32,7 @@ def resolve_base_model(settings: Settings, name: str) -> tuple[str, str]:
 
 
 def _visible_dataset(session: Session, principal: Principal, dataset_id: int) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or (dataset.tenant != principal.tenant and not principal.is_admin):
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return require_visible(principal, session.get(Dataset, dataset_id), "dataset", dataset_id)
 
 
 def resolve_plan(
@@ -106,7 +105,7 @@ def create_finetune_job(
     job = Job(
         tenant=dataset.tenant,
         kind="finetune",
-        status="queued",
+        status=JobStatus.QUEUED,
         dataset_id=dataset.id,
         base_model=base_name,
         mode=mode,
@@ -135,10 +134,7 @@ def send(session: Session, settings: Settings, job: Job) -> None:
 
 
 def get_job(session: Session, *, principal: Principal, job_id: int) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or (job.tenant != principal.tenant and not principal.is_admin):
-        raise not_found("job", job_id)
-    return job
+    return require_visible(principal, session.get(Job, job_id), "job", job_id)
 
 
 def list_jobs(
@@ -165,15 +161,13 @@ def list_jobs(
 def cancel_job(session: Session, *, principal: Principal, job_id: int) -> Job:
     """Queued jobs stop at once; running ones are asked to stop between steps."""
     job = get_job(session, principal=principal, job_id=job_id)
-    if job.status in ("succeeded", "failed", "cancelled"):
+    if job.status in TERMINAL:
         raise ApiError(409, "job_finished", f"job {job.id} already ended ({job.status})")
     job.cancel_requested = True
-    if job.status == "queued" and job.lease_owner is None:
-        job.status, job.finished_at = "cancelled", utcnow()
-        add_event(session, job, "cancelled", detail="cancelled while queued")
-    elif job.status == "running":
-        job.status = "cancelling"
-        add_event(session, job, "cancel_requested")
+    # Unleased and queued: no run will see the flag, so the job ends now. Leased but still
+    # queued: the run that claimed it finds the flag and cancels it.
+    if not lifecycle.cancel_queued(session, job):
+        lifecycle.request_cancel(session, job)
     session.commit()
     return job
 
@@ -181,16 +175,12 @@ def cancel_job(session: Session, *, principal: Principal, job_id: int) -> Job:
 def retry_job(session: Session, settings: Settings, *, principal: Principal, job_id: int) -> Job:
     """Re-run a failed or cancelled job; it resumes from its last checkpoint if any."""
     job = get_job(session, principal=principal, job_id=job_id)
-    if job.status not in ("failed", "cancelled"):
+    if job.status not in RETRYABLE or not lifecycle.retry(session, job):
         raise ApiError(
             409,
             "job_not_retryable",
             f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
         )
-    job.status, job.cancel_requested = "queued", False
-    job.error = job.error_code = job.traceback = None
-    job.finished_at = None
-    add_event(session, job, "retried")
     session.commit()
     send(session, settings, job)
     return job

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from service.db.models import MAX_ID
+from service.models.status import ModelStatus
 
 MODEL_EXAMPLE: dict[str, Any] = {
     "id": 7,
@@ -24,7 +25,7 @@ MODEL_EXAMPLE: dict[str, Any] = {
     "version": "3f2a9c1d0b7e",
     "sha256": "3f2a9c1d0b7e" + "0" * 52,
     "size_bytes": 94_000_000,
-    "status": "ready",
+    "status": ModelStatus.READY.value,
     "created_at": "2025-01-01T12:00:00Z",
 }
 

@@ -15,18 +15,20 @@ import re
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from service.auth import Principal
+from bit_core.checkpoint import ModelInfo
+from service.auth import Principal, visible
 from service.db.artifacts import ArtifactStore
 from service.db.models import Job, Model
 from service.errors import ApiError
 from service.inference.cache import ModelRef
+from service.jobs.status import ACTIVE, JobStatus
+from service.models.status import ModelStatus
 
 log = logging.getLogger(__name__)
 
-MODEL_STATUSES = ("ready", "archived")
+MODEL_STATUSES = tuple(ModelStatus)
 MAX_IMAGES_PER_REQUEST = 256
 MAX_TOP_K = 1000
-_UNFINISHED_JOB = ("queued", "running", "cancelling")
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 
 
@@ -67,14 +69,14 @@ def _not_found(session: Session, principal: Principal, model_id: int) -> ApiErro
     """404, with a hint when the id is really a job's that has not produced a model yet."""
     message = f"model {model_id} does not exist; list your models with GET /v1/models"
     job = session.get(Job, model_id)
-    if job is not None and (principal.is_admin or job.tenant == principal.tenant):
-        if job.status in _UNFINISHED_JOB:
+    if job is not None and visible(principal, job):
+        if job.status in ACTIVE:
             message = (
                 f"model {model_id} does not exist, but job {model_id} is {job.status}: "
                 f"wait for it to succeed (GET /v1/jobs/{model_id}), then use the model_id "
                 "it reports"
             )
-        elif job.status == "succeeded" and job.model_id is not None:
+        elif job.status == JobStatus.SUCCEEDED and job.model_id is not None:
             message = (
                 f"model {model_id} does not exist; job {model_id} produced model "
                 f"{job.model_id}: pass model_id={job.model_id}"
@@ -85,7 +87,7 @@ def _not_found(session: Session, principal: Principal, model_id: int) -> ApiErro
 def get_model(session: Session, *, principal: Principal, model_id: int) -> Model:
     """The model if the caller may see it; 404 `model_not_found` otherwise."""
     model = session.get(Model, model_id)
-    if model is None or not (principal.is_admin or model.tenant == principal.tenant):
+    if model is None or not visible(principal, model):
         raise _not_found(session, principal, model_id)
     return model
 
@@ -93,7 +95,7 @@ def get_model(session: Session, *, principal: Principal, model_id: int) -> Model
 def model_for_prediction(session: Session, *, principal: Principal, model_id: int) -> Model:
     """A visible, ready model; 404 `model_not_found` or 409 `model_archived` otherwise."""
     model = get_model(session, principal=principal, model_id=model_id)
-    if model.status == "archived":
+    if model.status == ModelStatus.ARCHIVED:
         raise ApiError(
             409,
             "model_archived",
@@ -101,6 +103,27 @@ def model_for_prediction(session: Session, *, principal: Principal, model_id: in
             "model (GET /v1/models?status=ready) or fine-tune a new one",
         )
     return model
+
+
+def model_row(
+    info: ModelInfo, *, job: Job, uri: str, size_bytes: int, name: str | None = None
+) -> Model:
+    """The row of a model saved at `uri` (artifact key of its directory) by `job`; named
+    `job-{id}` unless `name` is given."""
+    return Model(
+        tenant=job.tenant,
+        job_id=job.id,
+        name=name or f"job-{job.id}",
+        arch=info.arch,
+        classes=info.classes,
+        crop=info.crop,
+        base_model=info.base_model,
+        plan=info.plan,
+        metrics=info.metrics,
+        uri=uri,
+        sha256=info.sha256,
+        size_bytes=size_bytes,
+    )
 
 
 def model_ref(model: Model) -> ModelRef:
@@ -111,8 +134,8 @@ def model_ref(model: Model) -> ModelRef:
 def archive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
     """Mark a model archived (idempotent); predict then answers 409 `model_archived`."""
     model = get_model(session, principal=principal, model_id=model_id)
-    if model.status != "archived":
-        model.status = "archived"
+    if model.status != ModelStatus.ARCHIVED:
+        model.status = ModelStatus.ARCHIVED
         session.commit()
     return model
 

@@ -17,6 +17,7 @@ from service.db.models import Dataset, Image, Job, utcnow
 from service.errors import ApiError, not_found
 from service.jobs.lifecycle import add_event
 from service.jobs.service import send
+from service.jobs.status import JobStatus
 from service.pretrain.schemas import PretrainRequest
 from service.settings import Settings
 
@@ -107,7 +108,7 @@ def create_pretrain_job(
     job = Job(
         tenant=principal.tenant,
         kind="pretrain",
-        status="queued",
+        status=JobStatus.QUEUED,
         base_model=request.arch,
         mode="pretrain",
         total_steps=plan.total_steps,
