@@ -26,8 +26,8 @@ MAX_PIXELS = 40_000_000
 REDUCING_GAP = 2
 
 # Every decode ends in a bilinear resize with antialiasing, Pillow's filter. On x86 CPUs
-# with AVX2, torch's uint8 kernel for it (a port of Pillow's) is 3x faster and within one
-# level of Pillow's result, and it runs on the calling thread alone: it opens no OpenMP
+# with AVX2, torch's uint8 kernel for it (a port of Pillow's) is faster (BENCHMARKS.md) and
+# within one level of Pillow's result, and it runs on the calling thread alone: it opens no OpenMP
 # team, which the service's decode threads must not (service/inference/threads.py).
 # Elsewhere torch would take a generic, parallel path, so Pillow resizes there.
 TORCH_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -38,7 +38,7 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tenso
     # mode normalizes it with the biased variance, as the paper and the official code do
     # (the unbiased estimator would rescale every filter of a 1x1 conv by sqrt(n/(n-1))).
     # One fused kernel and its fused backward instead of var_mean, subtract, rsqrt and
-    # multiply: an R50x1 training step on 2 CPU cores went from 16.8 to 20.7 images/s.
+    # multiply, so a training step is faster (BENCHMARKS.md has the measurement).
     if eps <= 0:  # batch norm refuses eps 0 in training mode
         var, mean = torch.var_mean(weight, dim=(1, 2, 3), keepdim=True, unbiased=False)
         return (weight - mean) * torch.rsqrt(var + eps)

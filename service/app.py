@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from service.api.routes import base_models, datasets, health, jobs, models, predict, pretrain
 from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
-from service.inference import install as install_inference
+from service.inference.inference import install as install_inference
 from service.lookups import install as install_lookups
 from service.metrics import RequestMetrics
 from service.rate_limit import install as install_rate_limit

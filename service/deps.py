@@ -1,8 +1,9 @@
 """Injected types, declared once: settings, DB session, artifact store, the caller.
 
-FastAPI runs every plain-`def` dependency on a worker thread: a hop of about 0.15 ms on
-2 cores, several per request. The ones here are `async def` so they run on the event
-loop; the API-key lookup takes a thread only when it must ask the database.
+FastAPI runs every plain-`def` dependency on a worker thread: a hop each, several per
+request, that shows in a CPU predict's overhead (BENCHMARKS.md). The ones here are
+`async def` so they run on the event loop; the API-key lookup takes a thread only when it
+must ask the database.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from service.auth import Principal
-from service.datasets.schemas import error_responses
 from service.db.artifacts import ArtifactStore, store_for
 from service.db.models import MAX_ID
 from service.db.session import session_factory
-from service.errors import ApiError
+from service.errors import ApiError, error_responses
 from service.rate_limit import enforce as enforce_rate_limit
 from service.settings import Settings
 

@@ -1,4 +1,7 @@
-"""API errors: a stable machine-readable code, a message that says what to do, a status."""
+"""API errors: a stable machine-readable code, a message that says what to do, a status.
+
+Also their OpenAPI side: `error_responses` documents the codes a route answers with.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +52,41 @@ def not_found(kind: str, ident: object) -> ApiError:
 
 def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **details}}
+
+
+class ErrorDetail(BaseModel):
+    """A stable machine-readable code and a message that says what to do."""
+
+    code: str
+    message: str
+
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+def error_responses(*errors: tuple[int, str, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` documenting (status, code, example message) error answers."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, code, message in errors:
+        entry = responses.setdefault(
+            status,
+            {
+                "model": ErrorBody,
+                "description": "error codes: ",
+                "content": {"application/json": {"examples": {}}},
+            },
+        )
+        entry["description"] += ("" if entry["description"].endswith(": ") else ", ") + code
+        entry["content"]["application/json"]["examples"][code] = {
+            "summary": code,
+            "value": {"error": {"code": code, "message": message}},
+        }
+    return responses
 
 
 # Starlette's own refusals (unknown path, wrong method, a body its parsers cannot read) in the

@@ -1,9 +1,9 @@
 """Short-lived memory of the two database reads every predict makes: whose API key it is,
 and which model an id names.
 
-Each read costs about 1 ms of a 26 ms predict on 2 CPU cores (a hop to a worker thread, a
-pooled connection, the ORM; BENCHMARKS.md), more against PostgreSQL over a network. So an
-API process keeps each answer for `lookup_cache_s` seconds (1 by default).
+Each read is a hop to a worker thread, a pooled connection and the ORM: a sizeable share of
+the service's own overhead on a CPU predict (BENCHMARKS.md), more against PostgreSQL over a
+network. So an API process keeps each answer for `lookup_cache_s` seconds (1 by default).
 
 What that costs, and only that: a key revoked, or a model archived or deleted, by another
 process is still accepted here for at most `lookup_cache_s`. In this process the routes

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -105,38 +104,3 @@ class DatasetPage(BaseModel):
             "examples": [{"items": [_SUMMARY_EXAMPLE], "total": 1, "limit": 50, "offset": 0}]
         }
     )
-
-
-class ErrorDetail(BaseModel):
-    """A stable machine-readable code and a message that says what to do."""
-
-    code: str
-    message: str
-
-    model_config = ConfigDict(extra="allow")
-
-
-class ErrorBody(BaseModel):
-    """The body of every error answer."""
-
-    error: ErrorDetail
-
-
-def error_responses(*errors: tuple[int, str, str]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` documenting (status, code, example message) error answers."""
-    responses: dict[int | str, dict[str, Any]] = {}
-    for status, code, message in errors:
-        entry = responses.setdefault(
-            status,
-            {
-                "model": ErrorBody,
-                "description": "error codes: ",
-                "content": {"application/json": {"examples": {}}},
-            },
-        )
-        entry["description"] += ("" if entry["description"].endswith(": ") else ", ") + code
-        entry["content"]["application/json"]["examples"][code] = {
-            "summary": code,
-            "value": {"error": {"code": code, "message": message}},
-        }
-    return responses

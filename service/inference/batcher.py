@@ -5,7 +5,7 @@ collector takes the oldest chunk and, while other calls for the model are still 
 way (their images decoding), waits at most `max_wait_s` for them (or until
 `max_batch_size` rows); then it runs one forward for all it has. While that forward runs,
 new calls queue up, so under load batches grow by themselves, and a lone call does not
-wait at all: waiting for calls nobody has sent cost 2 ms of every quiet predict. A lane's
+wait at all: waiting for calls nobody has sent would slow every quiet predict. A lane's
 collector exits when its queue is empty; the next call starts a new one, so idle models
 cost nothing.
 
@@ -231,8 +231,8 @@ class Batcher:
     ) -> torch.Tensor:
         """`forward(make_rows())` in one job on the forward thread, for a call that found
         the batcher `quiet` with its rows still to make (decode): it saves the hand-offs
-        from a decode thread back to the loop and on to the forward thread (≈ 0.2 ms of a
-        25 ms predict on 2 cores). Calls that come meanwhile queue as usual."""
+        from a decode thread back to the loop and on to the forward thread (what that
+        saves: BENCHMARKS.md). Calls that come meanwhile queue as usual."""
         if self._closed:
             raise _shutting_down()
         self._last_calls = 1

@@ -3,8 +3,8 @@
 PyTorch's CPU build runs its parallel ops on GNU OpenMP (libgomp). Every thread that runs
 a parallel op becomes the master of its own team of worker threads, kept while that thread
 lives. Once a process holds more OpenMP threads than it has CPUs, libgomp's workers stop
-spinning between ops and sleep instead, so every op of every forward pays a wake-up: on 2
-cores an R50x1 forward at 128 px went from 31 ms to 52 ms, slower than on one thread.
+spinning between ops and sleep instead, so every op of every forward pays a wake-up: a
+forward on all the cores then runs slower than on one thread.
 
 So in the API process:
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from bit_core.pretrain_run import write_spec
 from bit_core.train import RunConfig
 from bit_core.upstream import upstream_plan
 from bit_core.upstream_data import UpstreamImages
-from tests.polling import free_port, wait_for
+from tests.factories import make_multilabel_manifest
+from tests.polling import wait_for
+from tests.torchrun import records, torchrun
 
 
 def test_bit_s_recipe_matches_the_paper():
@@ -43,23 +41,6 @@ def test_bit_l_recipe_and_overrides():
         upstream_plan(10, 2, momentum=0.5)
 
 
-def make_multilabel_manifest(root: Path, count: int = 64, classes: int = 8) -> Path:
-    """Images with 1-2 labels; each label paints its own vertical band."""
-    rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True)
-    rows = []
-    for index in range(count):
-        labels = sorted(rng.choice(classes, size=int(rng.integers(1, 3)), replace=False).tolist())
-        image = np.full((40, 40, 3), 30, np.uint8)
-        for label in labels:
-            image[:, label * 5 : (label + 1) * 5] = 255
-        Image.fromarray(image).save(root / "img" / f"{index}.png")
-        rows.append({"uri": f"img/{index}.png", "labels": [f"c{label}" for label in labels]})
-    manifest = root / "data.jsonl"
-    manifest.write_text("\n".join(json.dumps(row) for row in rows))
-    return manifest
-
-
 def test_manifest_reads_label_sets(tmp_path: Path):
     data = UpstreamImages.from_manifest(make_multilabel_manifest(tmp_path))
     assert data.multi_label and len(data.classes) == 8
@@ -67,40 +48,6 @@ def test_manifest_reads_label_sets(tmp_path: Path):
     (tmp_path / "bad.jsonl").write_text('{"uri": "x.png"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         UpstreamImages.from_manifest(tmp_path / "bad.jsonl")
-
-
-def torchrun(run_dir: Path, *, max_restarts: int = 0) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
-        "--max-restarts",
-        str(max_restarts),
-        "-m",
-        "bit_core.pretrain_run",
-        str(run_dir),
-    ]
-    log = open(run_dir / "torchrun.log", "wb")  # noqa: SIM115 (kept open by the child)
-    return subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "progress.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def spec(tmp_path: Path, steps: int, checkpoint_every: int = 4) -> Path:

@@ -14,7 +14,8 @@ from bit_core.pretrain_run import load_data, write_spec
 from bit_core.shards import ShardSet, shard_batches
 from bit_core.train import RunConfig
 from bit_core.upstream import upstream_plan
-from tests.bit_core.test_pretrain import make_multilabel_manifest, records, torchrun
+from tests.factories import make_multilabel_manifest
+from tests.torchrun import records, torchrun
 
 
 def write_shards(root: Path, count: int = 4) -> Path:

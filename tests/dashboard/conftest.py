@@ -4,7 +4,6 @@ client; and for the browser tests, a live API + worker and a headless Chromium."
 from __future__ import annotations
 
 import datetime as dt
-import io
 import os
 import re
 from collections.abc import Iterator
@@ -12,57 +11,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import sqlalchemy as sa
 from fastapi.testclient import TestClient
-from PIL import Image as PILImage
 
 from bit_core.checkpoint import WEIGHTS_FILE
 from service.app import create_app
-from service.auth import create_key
-from service.db import migrate
 from service.db.artifacts import LocalArtifactStore
-from service.db.models import Base, Dataset, Image, Job, JobEvent, JobMetric, Model, Worker, utcnow
+from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, Model, Worker, utcnow
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.e2e.conftest import service_env
 from tests.e2e.live import LiveService
-from tests.factories import CLASS_STYLES, draw_example, make_bit_npz
-from tests.service.conftest import make_settings, postgres_url  # noqa: F401 (fixture)
-from tests.service.test_inference import save_tiny_model
+from tests.factories import CLASSES, class_png, make_bit_npz, save_tiny_model
+from tests.service.conftest import migrated_settings, postgres_url  # noqa: F401 (fixture)
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
-CLASSES = list(CLASS_STYLES)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    """Migrated settings on SQLite and on PostgreSQL (pages must render on both)."""
-    if request.param == "sqlite":
-        result = make_settings(tmp_path, device="cpu")
-        migrate.upgrade(result.database_url)
-        return result
-    url = request.getfixturevalue("postgres_url")
-    migrate.upgrade(url)
-    engine = sa.create_engine(url)
-    with engine.begin() as connection:  # a clean slate per test, schema kept
-        tables = ", ".join(t for t in Base.metadata.tables if t != "alembic_version")
-        connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    engine.dispose()
-    return make_settings(tmp_path, url, device="cpu")
+    """Migrated settings on SQLite and on PostgreSQL (pages must render on both), on the CPU."""
+    return migrated_settings(request, tmp_path, request.param, device="cpu")
 
 
 @pytest.fixture
-def sqlite_settings(tmp_path: Path) -> Settings:
-    result = make_settings(tmp_path, device="cpu")
-    migrate.upgrade(result.database_url)
-    return result
-
-
-def new_key(settings: Settings, role: str, tenant: str = "acme") -> str:
-    with session_scope(settings.database_url) as session:
-        return create_key(session, role=role, tenant=tenant)
+def sqlite_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    return migrated_settings(request, tmp_path, device="cpu")
 
 
 @pytest.fixture
@@ -92,14 +66,6 @@ def sign_in(client: TestClient, key: str, next_path: str = "/admin"):
     )
 
 
-def png(label: str, seed: int, size: tuple[int, int] = (48, 64)) -> bytes:
-    colour, style = CLASS_STYLES[label]
-    pixels = draw_example(style, colour, np.random.default_rng(seed), size)
-    buffer = io.BytesIO()
-    PILImage.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @dataclass
 class Seeded:
     dataset_id: int
@@ -121,7 +87,7 @@ def seed(settings: Settings, *, per_class: int = 4) -> Seeded:
         images = []
         for c, label in enumerate(CLASSES):
             for i in range(per_class):
-                data = png(label, 100 * c + i, size=(240, 320))
+                data = class_png(label, 100 * c + i, size=(240, 320))
                 key = f"datasets/{dataset.id}/{label}-{i}"
                 store.put_bytes(key, data)
                 image = Image(

@@ -18,8 +18,8 @@ from service.dashboard.auth import COOKIE, _secret_for, signing_secret
 from service.db.models import ApiKey, Job
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.dashboard.conftest import csrf_of, login_token, new_key, sign_in
-from tests.service.conftest import make_settings
+from tests.dashboard.conftest import csrf_of, login_token, sign_in
+from tests.service.conftest import make_settings, new_key
 
 PAGES = [
     "/admin",

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dashboard.conftest import LiveDashboard, png
+from tests.dashboard.conftest import LiveDashboard
 from tests.e2e.live import labeled_uploads
+from tests.factories import class_png
 from tests.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -167,7 +168,7 @@ def test_watch_a_job_train_then_open_its_model(
     shot(page, artifacts, "model")
 
     page.get_by_label("Image file").set_input_files(
-        {"name": "disc.png", "mimeType": "image/png", "buffer": png("blue_disc", 99)}
+        {"name": "disc.png", "mimeType": "image/png", "buffer": class_png("blue_disc", 99)}
     )
     page.get_by_role("button", name="Classify").click()
     result = page.locator("#try-result")
@@ -231,11 +232,9 @@ def test_cancel_a_running_job_from_the_ui(
     page.get_by_role("button", name="Cancel job").click()
     page.wait_for_url(f"**/admin/jobs/{job_id}")
     assert "cancel requested" in page.locator(".flash").inner_text()
-    badge = page.locator("#status .status")
-    deadline = time.monotonic() + 60
-    while badge.inner_text() != "cancelled" and time.monotonic() < deadline:
-        time.sleep(0.2)  # the page's own polling updates the badge
-    assert badge.inner_text() == "cancelled"
+    # The page's own polling updates the badge.
+    until(page, "document.querySelector('#status .status').textContent.trim() === 'cancelled'")
+    assert page.locator("#status .status").inner_text() == "cancelled"
     assert page.locator("#retry-form").is_visible()
     shot(page, artifacts, "job-cancelled")
     job = api_job(live_dashboard, job_id)

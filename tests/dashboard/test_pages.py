@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import re
-import time
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
@@ -17,8 +17,10 @@ from service.dashboard.thumbnails import SIZES
 from service.db.models import Image, Job, Worker
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.dashboard.conftest import CLASSES, Seeded, csrf_of, new_key, png, seed, sign_in
-from tests.factories import make_bit_npz
+from tests.dashboard.conftest import Seeded, csrf_of, seed, sign_in
+from tests.factories import CLASSES, class_png, make_bit_npz
+from tests.polling import wait_for
+from tests.service.conftest import new_key
 
 
 @pytest.fixture
@@ -177,11 +179,12 @@ def test_a_model_without_validation_is_evaluated_on_its_training_images(
 ):
     url = f"/admin/models/{seeded.plain_model_id}"
     assert 'data-ready="false"' in admin.get(url).text
-    deadline = time.monotonic() + 60
-    response = admin.get(f"{url}/evaluation")
-    while response.status_code == 202 and time.monotonic() < deadline:
-        time.sleep(0.2)  # the evaluation runs on a background thread
+
+    def evaluated() -> list[httpx.Response]:  # the evaluation runs on a background thread
         response = admin.get(f"{url}/evaluation")
+        return [] if response.status_code == 202 else [response]
+
+    [response] = wait_for(evaluated, 60, "the evaluation on the training images")
     assert response.status_code == 200, response.text
     assert "No validation set" in response.text and "training images (12)" in response.text
     svg = re.search(r"<svg class=\"heatmap\".*?</svg>", response.text, re.S)
@@ -194,7 +197,7 @@ def test_a_model_without_validation_is_evaluated_on_its_training_images(
 def test_try_it_classifies_an_uploaded_image(admin: TestClient, seeded: Seeded):
     url = f"/admin/models/{seeded.model_id}"
     token = csrf_of(admin.get(url).text)
-    upload = {"image": ("disc.png", png("blue_disc", 7), "image/png")}
+    upload = {"image": ("disc.png", class_png("blue_disc", 7), "image/png")}
     response = admin.post(f"{url}/try", data={"csrf_token": token, "top_k": "2"}, files=upload)
     assert response.status_code == 200, response.text
     result = response.text.split('id="try-result"')[1]

@@ -19,8 +19,7 @@ from typing import Any
 
 from PIL import Image
 
-from tests.service.test_datasets import make_zip, png
-from tests.service.test_uploads import png_claiming, symlink_entry, zip_with
+from tests.factories import make_zip, png, png_claiming, symlink_entry, zip_with
 
 # The limits the hostile suite runs under: small enough that crossing them is cheap.
 LIMITS = {

@@ -28,11 +28,9 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
+from tests.factories import save_tiny_model, two_classes
 from tests.reliability import figures
-from tests.service.conftest import new_key
-from tests.service.test_datasets import two_classes, upload
-from tests.service.test_inference import save_tiny_model
-from tests.service.test_models_api import register_model
+from tests.service.conftest import new_key, register_model, upload
 
 # Per operation and generation mode: ~20 operations x 2 modes x this, on each database.
 EXAMPLES = 15

@@ -19,11 +19,10 @@ from service.app import create_app
 from service.db.models import Dataset, Image, Job, Model
 from service.db.session import session_scope
 from service.settings import Settings
+from tests.factories import save_tiny_model
 from tests.reliability import corpus, figures
 from tests.reliability.corpus import Hostile
-from tests.service.conftest import new_key
-from tests.service.test_inference import save_tiny_model
-from tests.service.test_models_api import register_model
+from tests.service.conftest import new_key, register_model
 
 MAX_MESSAGE_CHARS = 2000  # a message quotes client input only in part
 

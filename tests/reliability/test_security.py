@@ -29,11 +29,9 @@ from service.db.session import session_scope
 from service.deps import admin_principal
 from service.settings import Settings
 from tests.dashboard.conftest import sign_in
+from tests.factories import png, save_tiny_model, two_classes
 from tests.reliability import figures
-from tests.service.conftest import new_key
-from tests.service.test_datasets import png, two_classes, upload
-from tests.service.test_inference import save_tiny_model
-from tests.service.test_models_api import register_model, store_of
+from tests.service.conftest import new_key, register_model, store_of, upload
 
 # Routes anyone may call. Anything else answering without credentials fails the test.
 PUBLIC = {

@@ -1,23 +1,30 @@
 """Service fixtures: settings on a temp BIT_HOME, a migrated database (SQLite or a fresh
-PostgreSQL database), an app client and API keys of two tenants."""
+PostgreSQL database), an app client and API keys of two tenants; and the calls that many
+service and reliability tests share (upload a dataset, register a model, predict)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
+from bit_core.checkpoint import WEIGHTS_FILE, read_model_info
 from service.app import create_app
 from service.auth import create_key
 from service.db import migrate
-from service.db.models import Base
+from service.db.artifacts import LocalArtifactStore
+from service.db.models import Base, Dataset, Image, Job, Model
 from service.db.session import session_scope
 from service.settings import Settings
+from tests.factories import png_bytes, save_tiny_model
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "BIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -46,10 +53,12 @@ def make_settings(home: Path, database_url: str = "", **overrides: object) -> Se
     return Settings(home=home, database_url=database_url, **overrides)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
-    """Migrated settings on SQLite (embedded) and on PostgreSQL; broker is the embedded one."""
-    if request.param == "postgres":
+def migrated_settings(
+    request: pytest.FixtureRequest, home: Path, backend: str = "sqlite", **overrides: object
+) -> Settings:
+    """Settings on `home` with a migrated database: the embedded SQLite, or the session's
+    PostgreSQL database wiped clean (schema kept). The `settings` fixtures call this."""
+    if backend == "postgres":
         url = request.getfixturevalue("postgres_url")
         migrate.upgrade(url)
         engine = sa.create_engine(url)
@@ -57,19 +66,22 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
             tables = ", ".join(t for t in Base.metadata.tables if t != "alembic_version")
             connection.execute(sa.text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
         engine.dispose()
-        result = make_settings(tmp_path, url)
-    else:
-        result = make_settings(tmp_path)
-        migrate.upgrade(result.database_url)
+        return make_settings(home, url, **overrides)
+    result = make_settings(home, **overrides)
+    migrate.upgrade(result.database_url)
     return result
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Migrated settings on SQLite (embedded) and on PostgreSQL; broker is the embedded one."""
+    return migrated_settings(request, tmp_path, request.param)
 
 
 @pytest.fixture
-def sqlite_settings(tmp_path: Path) -> Settings:
+def sqlite_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """The embedded default only (for tests that need just one backend)."""
-    result = make_settings(tmp_path)
-    migrate.upgrade(result.database_url)
-    return result
+    return migrated_settings(request, tmp_path)
 
 
 def new_key(settings: Settings, role: str = "user", tenant: str = "acme") -> str:
@@ -101,8 +113,107 @@ def admin_headers(settings: Settings) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One saved model directory (a tiny trained model), copied into each test's store."""
-    from tests.service.test_inference import save_tiny_model
-
     directory = tmp_path_factory.mktemp("template") / "model"
     save_tiny_model(directory, seed=1)
     return directory
+
+
+# --- calls shared by the service and reliability tests ----------------------------------
+
+# Small enough that tests cross every limit with a few KB of generated images.
+SMALL_LIMITS = {
+    "max_upload_bytes": 256 * 1024,
+    "max_image_bytes": 32 * 1024,
+    "max_zip_members": 30,
+    "max_classes": 3,
+    "max_label_chars": 20,
+    "min_images_per_class": 2,
+}
+
+
+def upload(
+    client: TestClient,
+    headers: dict[str, str],
+    images: list[tuple[str, bytes, str]],
+    *,
+    url: str = "/v1/datasets",
+    **form: str,
+) -> httpx.Response:
+    """POST (filename, bytes, label) triples as `files` + one `labels` field each."""
+    files = [("files", (name, data, "application/octet-stream")) for name, data, _ in images]
+    labels = [label for _, _, label in images]
+    return client.post(url, files=files, data={"labels": labels, **form}, headers=headers)
+
+
+def upload_zip(
+    client: TestClient,
+    headers: dict[str, str],
+    data: bytes,
+    *,
+    url: str = "/v1/datasets",
+    filename: str = "pets.zip",
+) -> httpx.Response:
+    return client.post(url, files={"archive": (filename, data, "application/zip")}, headers=headers)
+
+
+def snapshot(settings: Settings) -> tuple[int, int, frozenset[str]]:
+    """(dataset rows, image rows, paths under the artifact store's datasets/ folder)."""
+    with session_scope(settings.database_url) as session:
+        datasets = session.scalar(select(func.count()).select_from(Dataset))
+        images = session.scalar(select(func.count()).select_from(Image))
+    root = Path(settings.artifacts_url) / "datasets"
+    paths = frozenset(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else ()
+    return datasets or 0, images or 0, frozenset(paths)
+
+
+def store_of(settings: Settings) -> LocalArtifactStore:
+    return LocalArtifactStore(settings.artifacts_url)
+
+
+def register_model(
+    settings: Settings, template: Path, *, tenant: str = "acme", name: str = "shapes"
+) -> int:
+    """What the worker leaves behind: a succeeded job, its model files and a Model row."""
+    info = read_model_info(template)
+    with session_scope(settings.database_url) as session:
+        job = Job(tenant=tenant, kind="finetune", status="succeeded", base_model="R14x0.5")
+        session.add(job)
+        session.flush()
+        key = f"jobs/{job.id}/model"
+        shutil.copytree(template, store_of(settings).path(key))
+        model = Model(
+            tenant=tenant,
+            job_id=job.id,
+            name=name,
+            arch=info.arch,
+            classes=info.classes,
+            crop=info.crop,
+            base_model=info.base_model,
+            plan=info.plan,
+            metrics=info.metrics,
+            uri=key,
+            sha256=info.sha256,
+            size_bytes=(store_of(settings).path(key) / WEIGHTS_FILE).stat().st_size,
+        )
+        session.add(model)
+        session.flush()
+        job.model_id = model.id
+        return model.id
+
+
+def uploads(count: int, seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"img{i}.png", png_bytes(i, seed), "image/png")) for i in range(count)]
+
+
+def predict_files(client: TestClient, headers: dict, model_id: int, files: list, top_k="3"):
+    return client.post(
+        "/v1/predict",
+        files=files,
+        data={"model_id": str(model_id), "top_k": top_k},
+        headers=headers,
+    )
+
+
+def error_of(response) -> tuple[int, str, str]:
+    body = response.json()["error"]
+    return response.status_code, body["code"], body["message"]

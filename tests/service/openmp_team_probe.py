@@ -24,10 +24,10 @@ from PIL import Image
 
 from service.dashboard.evaluation import TrainingEvaluations
 from service.db.artifacts import LocalArtifactStore
-from service.inference import Inference
 from service.inference.batcher import Batcher
 from service.inference.cache import ModelCache, ModelRef, load_from_store
-from tests.service.test_inference import png_bytes
+from service.inference.inference import Inference
+from tests.factories import png_bytes
 
 SETTLE_S = 10.0  # a team of an exited thread leaves within this
 

@@ -4,18 +4,12 @@ tenant isolation, and the training view handed to the worker."""
 from __future__ import annotations
 
 import hashlib
-import io
-import itertools
 import json
-import zipfile
 from pathlib import Path
 
-import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from service.datasets import service
 from service.datasets.uploads import UploadItem
@@ -23,83 +17,15 @@ from service.db.artifacts import LocalArtifactStore, open_store
 from service.db.models import Dataset, Image, Job
 from service.db.session import session_scope
 from service.settings import Settings
+from tests.factories import make_zip, png, two_classes
 from tests.s3_server import S3Server
-
-# Small enough that tests cross every limit with a few KB of generated images.
-SMALL_LIMITS = {
-    "max_upload_bytes": 256 * 1024,
-    "max_image_bytes": 32 * 1024,
-    "max_zip_members": 30,
-    "max_classes": 3,
-    "max_label_chars": 20,
-    "min_images_per_class": 2,
-}
-_seeds = itertools.count()
+from tests.service.conftest import SMALL_LIMITS, snapshot, upload, upload_zip
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The conftest's migrated settings (both databases) with small upload limits."""
     return settings.model_copy(update=SMALL_LIMITS)
-
-
-# --- helpers (test_uploads imports them) -----------------------------------------------------
-
-
-def png(height: int = 12, width: int = 16) -> bytes:
-    """A distinct small PNG of noise (distinct bytes, so no two calls deduplicate)."""
-    rng = np.random.default_rng(next(_seeds))
-    buffer = io.BytesIO()
-    PILImage.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def make_zip(entries: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def upload(
-    client: TestClient,
-    headers: dict[str, str],
-    images: list[tuple[str, bytes, str]],
-    *,
-    url: str = "/v1/datasets",
-    **form: str,
-) -> httpx.Response:
-    """POST (filename, bytes, label) triples as `files` + one `labels` field each."""
-    files = [("files", (name, data, "application/octet-stream")) for name, data, _ in images]
-    labels = [label for _, _, label in images]
-    return client.post(url, files=files, data={"labels": labels, **form}, headers=headers)
-
-
-def upload_zip(
-    client: TestClient,
-    headers: dict[str, str],
-    data: bytes,
-    *,
-    url: str = "/v1/datasets",
-    filename: str = "pets.zip",
-) -> httpx.Response:
-    return client.post(url, files={"archive": (filename, data, "application/zip")}, headers=headers)
-
-
-def snapshot(settings: Settings) -> tuple[int, int, frozenset[str]]:
-    """(dataset rows, image rows, paths under the artifact store's datasets/ folder)."""
-    with session_scope(settings.database_url) as session:
-        datasets = session.scalar(select(func.count()).select_from(Dataset))
-        images = session.scalar(select(func.count()).select_from(Image))
-    root = Path(settings.artifacts_url) / "datasets"
-    paths = frozenset(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else ()
-    return datasets or 0, images or 0, frozenset(paths)
-
-
-def two_classes() -> list[tuple[str, bytes, str]]:
-    """Four new images: two cats, two dogs."""
-    return [(f"{label[0]}{i}.png", png(), label) for label in ("cat", "dog") for i in (1, 2)]
 
 
 # --- create ----------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import subprocess
@@ -14,52 +13,23 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import bit_core
-from bit_core.checkpoint import WEIGHTS_FILE, ModelInfo, save_model
+from bit_core.checkpoint import WEIGHTS_FILE
 from bit_core.predict import Predictor
 from service.db.artifacts import LocalArtifactStore
 from service.errors import ApiError
-from service.inference import Inference, PredictTiming
 from service.inference.batcher import Batcher
 from service.inference.cache import ModelCache, ModelRef, load_from_store, predictor_bytes
+from service.inference.inference import Inference
+from service.inference.timing import PredictTiming
 from service.metrics import REGISTRY
 from service.settings import Settings
-from tests.factories import CLASS_STYLES, draw_example
+from tests.factories import CLASSES, png_bytes, save_tiny_model
 
-CLASSES = list(CLASS_STYLES)
 TIMEOUT_S = 30  # every wait in these tests is bounded by this
-
-
-def save_tiny_model(directory: Path, *, seed: int = 0, crop: int = 32) -> ModelInfo:
-    """An R14x0.5 with a random (not zero) head, so predictions differ per image."""
-    torch.manual_seed(seed)
-    model = bit_core.create_model("R14x0.5", len(CLASSES))
-    with torch.no_grad():
-        model.head.conv.weight.normal_(0.0, 0.05)
-        model.head.conv.bias.normal_(0.0, 0.5)
-    info = ModelInfo(
-        "R14x0.5",
-        CLASSES,
-        crop=crop,
-        base_model="BiT-S-R14x0.5",
-        plan={"total_steps": 10, "crop": crop},
-        metrics={"val_top1": 0.9},
-    )
-    return save_model(directory, model, info)
-
-
-def png_bytes(index: int, seed: int = 0) -> bytes:
-    """A PNG of class `index % 3`, different for every (index, seed)."""
-    colour, style = list(CLASS_STYLES.values())[index % len(CLASS_STYLES)]
-    pixels = draw_example(style, colour, np.random.default_rng(seed * 1000 + index))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from service.db.models import ApiKey, Model
 from service.db.session import get_engine, session_scope
 from service.lookups import Lookups, TtlCache
 from service.settings import Settings, get_settings
-from tests.service.conftest import new_key
-from tests.service.test_models_api import error_of, predict_files, register_model, uploads
+from tests.service.conftest import error_of, new_key, predict_files, register_model, uploads
 
 
 class FakeClock:

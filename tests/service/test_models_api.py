@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,11 +10,11 @@ from fastapi.testclient import TestClient
 
 from bit_core.checkpoint import WEIGHTS_FILE, read_model_info
 from bit_core.predict import Predictor
-from service.db.artifacts import LocalArtifactStore
 from service.db.models import Job, Model
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.service.test_inference import CLASSES, png_bytes
+from tests.factories import CLASSES, png_bytes
+from tests.service.conftest import error_of, predict_files, register_model, store_of, uploads
 
 
 @pytest.fixture(autouse=True)
@@ -27,59 +26,6 @@ def cpu_inference(settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def reference(template: Path) -> Predictor:
     return Predictor.load(template, device="cpu")
-
-
-def store_of(settings: Settings) -> LocalArtifactStore:
-    return LocalArtifactStore(settings.artifacts_url)
-
-
-def register_model(
-    settings: Settings, template: Path, *, tenant: str = "acme", name: str = "shapes"
-) -> int:
-    """What the worker leaves behind: a succeeded job, its model files and a Model row."""
-    info = read_model_info(template)
-    with session_scope(settings.database_url) as session:
-        job = Job(tenant=tenant, kind="finetune", status="succeeded", base_model="R14x0.5")
-        session.add(job)
-        session.flush()
-        key = f"jobs/{job.id}/model"
-        shutil.copytree(template, store_of(settings).path(key))
-        model = Model(
-            tenant=tenant,
-            job_id=job.id,
-            name=name,
-            arch=info.arch,
-            classes=info.classes,
-            crop=info.crop,
-            base_model=info.base_model,
-            plan=info.plan,
-            metrics=info.metrics,
-            uri=key,
-            sha256=info.sha256,
-            size_bytes=(store_of(settings).path(key) / WEIGHTS_FILE).stat().st_size,
-        )
-        session.add(model)
-        session.flush()
-        job.model_id = model.id
-        return model.id
-
-
-def uploads(count: int, seed: int = 0) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (f"img{i}.png", png_bytes(i, seed), "image/png")) for i in range(count)]
-
-
-def predict_files(client: TestClient, headers: dict, model_id: int, files: list, top_k="3"):
-    return client.post(
-        "/v1/predict",
-        files=files,
-        data={"model_id": str(model_id), "top_k": top_k},
-        headers=headers,
-    )
-
-
-def error_of(response) -> tuple[int, str, str]:
-    body = response.json()["error"]
-    return response.status_code, body["code"], body["message"]
 
 
 # --- predict -------------------------------------------------------------------------------
@@ -372,7 +318,7 @@ def test_the_forward_runs_with_no_database_connection_held(
 ):
     """Requests in flight may outnumber the pool's connections: none may wait on a forward."""
     from service.db.session import get_engine
-    from service.inference import Inference
+    from service.inference.inference import Inference
 
     model_id = register_model(settings, template)
     pool = get_engine(settings.database_url).pool

@@ -5,10 +5,7 @@ upload-limit middleware on their own."""
 from __future__ import annotations
 
 import io
-import stat
 import struct
-import zipfile
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,54 +18,14 @@ from service.datasets.uploads import UploadItem, check_image, parse_archive
 from service.errors import ApiError
 from service.settings import Settings
 from service.upload_limit import UploadLimitMiddleware
-from tests.service.test_datasets import (
-    SMALL_LIMITS,
-    make_zip,
-    png,
-    snapshot,
-    two_classes,
-    upload,
-    upload_zip,
-)
+from tests.factories import make_zip, png, png_claiming, symlink_entry, two_classes, zip_with
+from tests.service.conftest import SMALL_LIMITS, snapshot, upload, upload_zip
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The conftest's migrated settings (both databases) with small upload limits."""
     return settings.model_copy(update=SMALL_LIMITS)
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
-    )
-
-
-def zip_with(info: zipfile.ZipInfo, data: bytes, others: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in others.items():
-            archive.writestr(name, content)
-        archive.writestr(info, data)
-    return buffer.getvalue()
-
-
-def symlink_entry(name: str) -> zipfile.ZipInfo:
-    info = zipfile.ZipInfo(name)
-    info.create_system = 3  # Unix: the mode lives in the high 16 bits of external_attr
-    info.external_attr = (stat.S_IFLNK | 0o777) << 16
-    return info
 
 
 def expect_refused(

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from service.datasets import service
-from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead, error_responses
-from service.datasets.uploads import archive_stem, parse_upload
+from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead
+from service.datasets.uploads import UPLOAD_ERROR_CODES, archive_stem, parse_upload
 from service.deps import (
     AUTH_RESPONSES,
     CurrentUser,
@@ -19,28 +19,8 @@ from service.deps import (
     SettingsDep,
     StoreDep,
 )
+from service.errors import error_responses
 
-UPLOAD_ERROR_CODES = (
-    (400, "invalid_multipart", "Invalid multipart data: send a well-formed multipart/form-data"),
-    (413, "upload_too_large", "the request body is over the limit of 209715200 bytes; ..."),
-    (413, "file_too_large", "cat1.jpg: over the per-image limit of 20971520 bytes; ..."),
-    (413, "image_too_large", "cat1.png: 50000x50000 pixels is over the limit of 40000000; ..."),
-    (413, "archive_too_large", "pets.zip: 25000 entries is over the limit of 20000; ..."),
-    (422, "invalid_image", "notes.png: not an image Pillow can read; send a JPEG, PNG, ..."),
-    (422, "labels_mismatch", "labels: got 2 label(s) for 3 file(s); send one `labels` ..."),
-    (422, "invalid_label", "label '' of 'cat1.jpg' is empty; give every image a class name"),
-    (422, "invalid_name", "name 'a?b' contains control characters (such as NUL ...); ..."),
-    (422, "too_many_classes", "labels: 1200 classes is over the limit of 1000; ..."),
-    (422, "too_few_images", "labels: classes 'dog' (1) have fewer than 2 distinct images ..."),
-    (422, "conflicting_labels", "'a.jpg' and 'b.jpg' are the same image but labelled ..."),
-    (422, "invalid_archive", "pets.zip: not a zip archive (File is not a zip file); ..."),
-    (422, "invalid_archive_layout", "pets.zip: entry 'x.jpg' is not inside a class folder; ..."),
-    (422, "unsafe_archive_path", "pets.zip: entry '../x.jpg' has an absolute path or '..'; ..."),
-    (422, "unsafe_archive_entry", "pets.zip: entry 'cats/x.jpg' is a symbolic link; ..."),
-    (422, "no_images", "no images were sent: send `files` with one `labels` field per file, ..."),
-    (422, "invalid_upload_form", "send either `files` (with `labels`) or one `archive`, ..."),
-    (422, "invalid_request", "invalid request: body.name: String should have at most 256 ..."),
-)
 UPLOAD_ERRORS = error_responses(*UPLOAD_ERROR_CODES)
 NOT_FOUND = error_responses((404, "dataset_not_found", "dataset 7 does not exist"))
 

@@ -11,10 +11,8 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import StreamingResponse
 from pydantic import HttpUrl, TypeAdapter, ValidationError
 
-from service.api.routes.datasets import UPLOAD_ERROR_CODES
-from service.datasets.schemas import error_responses
 from service.datasets.service import create_dataset
-from service.datasets.uploads import parse_multipart_items
+from service.datasets.uploads import UPLOAD_ERROR_CODES, parse_multipart_items
 from service.db.session import session_factory
 from service.deps import (
     AUTH_RESPONSES,
@@ -26,7 +24,7 @@ from service.deps import (
     SettingsDep,
     StoreDep,
 )
-from service.errors import ApiError
+from service.errors import ApiError, error_responses
 from service.jobs import service
 from service.jobs.lifecycle import TERMINAL
 from service.jobs.schemas import (

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from service.datasets.schemas import error_responses
 from service.deps import (
     ADMIN_ERRORS,
     AUTH_RESPONSES,
@@ -16,7 +15,8 @@ from service.deps import (
     SessionDep,
     StoreDep,
 )
-from service.inference import InferenceDep
+from service.errors import error_responses
+from service.inference.inference import InferenceDep
 from service.lookups import LookupsDep
 from service.models import service
 from service.models.schemas import ModelPage, ModelRead

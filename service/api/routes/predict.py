@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException
 from service.db.models import MAX_ID
 from service.deps import AUTH_RESPONSES, CurrentUser, SettingsDep
 from service.errors import ApiError
-from service.inference import InferenceDep, PredictTiming
+from service.inference.inference import InferenceDep
+from service.inference.timing import PredictTiming
 from service.lookups import LookupsDep
 from service.models import service
 from service.models.schemas import (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from service.datasets.schemas import error_responses
 from service.deps import (
     ADMIN_ERRORS,
     AUTH_RESPONSES,
@@ -14,6 +13,7 @@ from service.deps import (
     SettingsDep,
     StoreDep,
 )
+from service.errors import error_responses
 from service.jobs.schemas import JobRead
 from service.pretrain.schemas import PretrainRequest
 from service.pretrain.service import create_pretrain_job
