@@ -23,7 +23,7 @@ from typing import Annotated, Generic, TypeVar
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.auth import Principal, authenticate, hash_key
+from service.auth import Principal, authenticate, hash_key, visible
 from service.db.session import session_factory
 from service.inference.cache import ModelRef
 from service.models import service
@@ -87,7 +87,7 @@ class ServedModel:
     tenant: str
 
     def visible_to(self, principal: Principal) -> bool:
-        return principal.is_admin or self.tenant == principal.tenant
+        return visible(principal, self)
 
 
 class Lookups:
