@@ -21,8 +21,9 @@ from service.app import create_app
 from service.auth import create_key
 from service.db import migrate
 from service.db.artifacts import LocalArtifactStore
-from service.db.models import Base, Dataset, Image, Job, Model
+from service.db.models import Base, Dataset, Image, Job
 from service.db.session import session_scope
+from service.models.service import model_row
 from service.settings import Settings
 from tests.factories import png_bytes, save_tiny_model
 
@@ -181,19 +182,12 @@ def register_model(
         session.flush()
         key = f"jobs/{job.id}/model"
         shutil.copytree(template, store_of(settings).path(key))
-        model = Model(
-            tenant=tenant,
-            job_id=job.id,
-            name=name,
-            arch=info.arch,
-            classes=info.classes,
-            crop=info.crop,
-            base_model=info.base_model,
-            plan=info.plan,
-            metrics=info.metrics,
+        model = model_row(
+            info,
+            job=job,
             uri=key,
-            sha256=info.sha256,
             size_bytes=(store_of(settings).path(key) / WEIGHTS_FILE).stat().st_size,
+            name=name,
         )
         session.add(model)
         session.flush()

@@ -34,9 +34,16 @@ def store(
         yield open_store(str(tmp_path / "artifacts"), tmp_path / "cache")
         return
     server: S3Server = request.getfixturevalue("s3_server")
+    yield s3_store(server, server.new_bucket(), monkeypatch, tmp_path / "cache")
+
+
+def s3_store(
+    server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> FsspecArtifactStore:
+    """A store on `bucket` of `server`, reached as a host would: through AWS_* variables."""
     for name, value in server.env().items():
         monkeypatch.setenv(name, value)
-    yield open_store(f"s3://{server.new_bucket()}/bit", tmp_path / "cache")
+    return FsspecArtifactStore(f"s3://{bucket}/bit", cache)
 
 
 def model_folder(root: Path, weights: bytes = b"w" * 1000) -> Path:
@@ -67,10 +74,8 @@ def test_a_directory_without_its_manifest_is_not_a_model(tmp_path: Path, s3_serv
 def test_a_replaced_object_is_refused_and_a_damaged_cache_refetched(
     tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ):
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
     bucket = s3_server.new_bucket()
-    store = FsspecArtifactStore(f"s3://{bucket}/bit", tmp_path / "cache")
+    store = s3_store(s3_server, bucket, monkeypatch, tmp_path / "cache")
     store.publish_dir("jobs/3/model", model_folder(tmp_path / "work"))
     cached = store.fetch_dir("jobs/3/model") / "weights.safetensors"
     cached.write_bytes(b"bit rot")  # the cache is only a cache: checked, and fetched again
@@ -120,10 +125,8 @@ def test_delete_prefix_unpublishes_then_removes(store: ArtifactStore, tmp_path: 
 def test_the_sweeper_cleans_a_bucket(
     tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ):
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
     bucket = s3_server.new_bucket()
-    store = FsspecArtifactStore(f"s3://{bucket}/bit", tmp_path / "cache")
+    store = s3_store(s3_server, bucket, monkeypatch, tmp_path / "cache")
     url = f"sqlite:///{tmp_path / 'bit.db'}"
     upgrade(url)
     with session_scope(url) as session:
