@@ -16,19 +16,46 @@ from service.errors import not_found
 
 KEY_PREFIX = "bit_"
 ROLES = ("user", "admin")
+# What a key may do. A route declares the one it needs (service.deps.Scoped); `admin` also
+# opens the admin routes and every tenant's data, and only an admin key may hold it.
+SCOPES = (
+    "predict",
+    "datasets:read",
+    "datasets:write",
+    "jobs:read",
+    "jobs:write",
+    "models:read",
+    "models:write",
+    "admin",
+)
+USER_SCOPES = tuple(scope for scope in SCOPES if scope != "admin")
+DEFAULT_SCOPES = {"user": USER_SCOPES, "admin": SCOPES}
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: resolved from the key on every request."""
+    """Who is calling: resolved from the key on every request.
+
+    `address` is the caller's network address, filled in per request (the rest is cached
+    per key by service.lookups); the audit log records it."""
 
     key_id: int
     tenant: str
     role: str
+    scopes: frozenset[str] = frozenset(SCOPES)
+    prefix: str = ""
+    expires_at: dt.datetime | None = None
+    address: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        return self.expires_at is not None and self.expires_at <= (now or dt.datetime.now(dt.UTC))
 
 
 class Owned(Protocol):
@@ -69,7 +96,14 @@ def create_key(
         raise ValueError("tenant must be 1 to 64 characters")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     session.add(
-        ApiKey(prefix=key[:12], key_hash=hash_key(key), role=role, tenant=tenant, name=name)
+        ApiKey(
+            prefix=key[:12],
+            key_hash=hash_key(key),
+            role=role,
+            tenant=tenant,
+            name=name,
+            scopes=" ".join(DEFAULT_SCOPES[role]),
+        )
     )
     session.flush()
     return key
@@ -88,7 +122,22 @@ def authenticate(session: Session, key: str) -> Principal | None:
     ):
         row.last_used_at = now  # throttled: one write a minute per key, not per request
         session.commit()
-    return Principal(row.id, row.tenant, row.role)
+    return principal_of(row)
+
+
+def principal_of(row: ApiKey) -> Principal:
+    """The principal a key's row stands for."""
+    expires = row.expires_at
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=dt.UTC)
+    return Principal(
+        row.id,
+        row.tenant,
+        row.role,
+        scopes=frozenset(row.scopes.split()),
+        prefix=row.prefix,
+        expires_at=expires,
+    )
 
 
 def revoke_key(session: Session, prefix: str) -> int:

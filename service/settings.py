@@ -83,8 +83,31 @@ class Settings(BaseSettings):
 
     # Fine-tuning defaults for a CPU-only deployment can be lowered here.
     default_base_model: str = "BiT-M-R50x1"
-    webhook_secret: str = ""  # signs callback POSTs (HMAC-SHA256); set it in production
-    webhook_timeout_s: float = 10.0
+
+    # Webhooks (job callbacks; service/webhooks). Signed with `webhook_secret` and, during a
+    # rotation, also with `webhook_secret_previous`. On when a secret is set, unless
+    # `webhooks_enabled` says otherwise; an enabled service refuses to start with a secret
+    # shorter than MIN_WEBHOOK_SECRET_CHARS.
+    webhook_secret: str = ""
+    webhook_secret_previous: str = ""
+    webhooks_enabled: bool | None = None
+    # Comma-separated hosts, IP addresses or networks (CIDR) that a callback may reach even
+    # though they are not public (an internal receiver; the tests' loopback one).
+    webhook_allow: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
+    # Failed deliveries are retried with exponential backoff and jitter, from
+    # `webhook_backoff_s` doubling up to `webhook_backoff_max_s`, for `webhook_retry_for_s`.
+    webhook_backoff_s: float = Field(default=10.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)
+    webhook_retry_for_s: float = Field(default=24 * 3600.0, gt=0)
+
+    # Per-tenant quotas (service/quotas): the defaults, which the admin API can override per
+    # tenant. 0 means no limit.
+    quota_stored_bytes: int = Field(default=20 * 1024**3, ge=0)
+    quota_images: int = Field(default=200_000, ge=0)
+    quota_models: int = Field(default=1000, ge=0)
+    quota_active_jobs: int = Field(default=20, ge=0)
+    quota_predictions_per_minute: int = Field(default=6000, ge=0)
     # Signs dashboard session cookies; empty: a random one kept in $BIT_HOME/session_secret.
     session_secret: str = ""
 

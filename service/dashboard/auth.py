@@ -24,7 +24,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from service.auth import Principal
+from service.auth import Principal, principal_of
 from service.db.models import ApiKey
 from service.deps import SessionDep, SettingsDep
 from service.settings import Settings
@@ -155,7 +155,7 @@ def read_session(request: Request, session: Session, settings: Settings) -> Admi
     row = session.get(ApiKey, key_id)
     if row is None or row.revoked or row.role != "admin":
         return None
-    return AdminSession(Principal(row.id, row.tenant, row.role), csrf)
+    return AdminSession(principal_of(row), csrf)
 
 
 def login_token(request: Request, settings: Settings) -> tuple[str, bool]:

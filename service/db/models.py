@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.engine import Dialect
@@ -74,6 +75,9 @@ class ApiKey(Timestamped, Base):
     name: Mapped[str] = mapped_column(String(128), default="")
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    # Space-separated scopes (service.auth.SCOPES): what the key may do within its tenant.
+    scopes: Mapped[str] = mapped_column(String(256), default="")
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
 
 
 class Dataset(Timestamped, Base):
@@ -208,3 +212,76 @@ class Worker(Base):
     queues: Mapped[str] = mapped_column(String(128))
     current_job_id: Mapped[int | None] = mapped_column(Integer)
     last_seen: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who did what, when and from where: appended in the same transaction as the change,
+    so a failed request leaves no row. Never holds a secret (keys appear by prefix)."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_tenant_at", "tenant", "at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow, index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)  # e.g. key.revoke
+    tenant: Mapped[str] = mapped_column(String(64))  # the tenant whose data was acted on
+    actor_tenant: Mapped[str | None] = mapped_column(String(64))
+    actor_key_prefix: Mapped[str | None] = mapped_column(String(16))  # None: the CLI/system
+    address: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(256), default="")  # e.g. "model 12"
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class WebhookDelivery(Timestamped, Base):
+    """One callback to send: a job reached a final status (its `occurrence`-th). Written in
+    the same transaction as that status, so each final status is delivered exactly once
+    (at least once to the receiver, which dedupes by `event_id`)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "occurrence", name="uq_webhook_deliveries_job_occurrence"),
+        Index("ix_webhook_deliveries_state_next", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    occurrence: Mapped[int] = mapped_column(Integer)  # 1: the job's first final status, ...
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)  # the idempotency key
+    job_status: Mapped[str] = mapped_column(String(16))  # the final status it reports
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    give_up_at: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
+    last_result: Mapped[str | None] = mapped_column(String(256))
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery: when, what came back, how long it took."""
+
+    __tablename__ = "webhook_attempts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(256))  # refused, timeout, ... (no secrets)
+    duration_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    worker: Mapped[str | None] = mapped_column(String(128))
+
+
+class TenantQuota(Base):
+    """A tenant's own limits; a column left empty takes the setting's default."""
+
+    __tablename__ = "tenant_quotas"
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    images: Mapped[int | None] = mapped_column(Integer)
+    models: Mapped[int | None] = mapped_column(Integer)
+    active_jobs: Mapped[int | None] = mapped_column(Integer)
+    predictions_per_minute: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
