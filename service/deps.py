@@ -15,7 +15,7 @@ from fastapi import Depends, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from service.auth import Principal
+from service.auth import SCOPES, Principal
 from service.db.artifacts import ArtifactStore, store_for
 from service.db.models import MAX_ID
 from service.db.session import session_factory
@@ -93,13 +93,46 @@ async def current_principal(request: Request) -> Principal:
 CurrentUser = Annotated[Principal, Depends(current_principal)]
 
 
-async def admin_principal(principal: CurrentUser) -> Principal:
-    if not principal.is_admin:
+class Scoped:
+    """A route's dependency: the caller, whose key must hold `scope` (service.auth.SCOPES).
+
+    Every authenticated route declares its scope through one of these (the security suite
+    finds it on each route and tries every scope against it)."""
+
+    def __init__(self, scope: str) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope '{scope}'; the scopes are {', '.join(SCOPES)}")
+        self.scope = scope
+
+    async def __call__(self, principal: CurrentUser) -> Principal:
+        if not principal.has_scope(self.scope):
+            if self.scope == "admin":
+                raise ApiError(403, "admin_required", "this action needs an admin API key")
+            raise ApiError(
+                403,
+                "insufficient_scope",
+                f"this API key lacks the '{self.scope}' scope; use a key that has it "
+                "(an admin creates one with POST /v1/keys)",
+                scope=self.scope,
+            )
+        return principal
+
+
+def admin_principal(principal: Principal) -> Principal:
+    """Kept for callers outside a route: the principal if it is an admin's."""
+    if not principal.is_admin or not principal.has_scope("admin"):
         raise ApiError(403, "admin_required", "this action needs an admin API key")
     return principal
 
 
-CurrentAdmin = Annotated[Principal, Depends(admin_principal)]
+CurrentAdmin = Annotated[Principal, Depends(Scoped("admin"))]
+Predictor = Annotated[Principal, Depends(Scoped("predict"))]
+DatasetReader = Annotated[Principal, Depends(Scoped("datasets:read"))]
+DatasetWriter = Annotated[Principal, Depends(Scoped("datasets:write"))]
+JobReader = Annotated[Principal, Depends(Scoped("jobs:read"))]
+JobWriter = Annotated[Principal, Depends(Scoped("jobs:write"))]
+ModelReader = Annotated[Principal, Depends(Scoped("models:read"))]
+ModelWriter = Annotated[Principal, Depends(Scoped("models:write"))]
 
 # What the caller's dependencies and the body parsers may answer, for routes' `responses=`.
 AUTH_ERRORS = (
@@ -108,6 +141,7 @@ AUTH_ERRORS = (
     (429, "rate_limited", "this API key is over its rate limit of 600 requests a minute ..."),
 )
 ADMIN_ERRORS = ((403, "admin_required", "this action needs an admin API key"),)
+SCOPE_ERRORS = ((403, "insufficient_scope", "this API key lacks the 'jobs:write' scope; ..."),)
 BODY_ERRORS = (
     (400, "invalid_body", "There was an error parsing the body: send a well-formed body ..."),
     (413, "upload_too_large", "the request body is over the limit of 209715200 bytes; ..."),
