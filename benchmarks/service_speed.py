@@ -591,8 +591,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     run = RunInfo.start(device, args)
     root = Path(tempfile.mkdtemp(prefix="service_speed_"))
-    # Raw capacity: the per-key rate limit (600 a minute by default) would cap the load.
-    env = {"BIT_DEVICE": device.type, "BIT_RATE_LIMIT_PER_MINUTE": "0"}
+    # Raw capacity: the per-key rate limit and the tenant's predictions quota would cap it.
+    env = {
+        "BIT_DEVICE": device.type,
+        "BIT_RATE_LIMIT_PER_MINUTE": "0",
+        "BIT_QUOTA_PREDICTIONS_PER_MINUTE": "0",
+    }
     model = make_model("R50x1")
     image = photo_jpeg(320, 240)
     apis: list[Api] = []

@@ -9,6 +9,7 @@ must ask the database.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Path, Query, Request
@@ -69,7 +70,9 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def current_principal(request: Request) -> Principal:
-    """The caller, from its API key (read through `lookups`: most requests skip the database)."""
+    """The caller, from its API key (read through `lookups`: most requests skip the database).
+
+    Not a route's dependency: routes take the `Scoped` types below, which call this."""
     token = bearer_token(request)
     if token is None:
         raise ApiError(
@@ -85,12 +88,24 @@ async def current_principal(request: Request) -> Principal:
     principal = await lookups.principal(token)
     if principal is None:
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked")
+    # Asked on every request: the principal is remembered per key, the clock moves on.
+    if principal.expires_at is not None and principal.expired():
+        raise ApiError(
+            401,
+            "expired_api_key",
+            f"the API key expired at {principal.expires_at.isoformat(timespec='seconds')}; "
+            "create a new key (an admin does, with POST /v1/keys or `bit admin create-key`)",
+        )
+    # The remembered principal is shared by requests; the address is this request's own.
+    principal = replace(principal, address=request.client.host if request.client else None)
     request.state.principal = principal
     await enforce_rate_limit(request, principal)  # every authenticated route: one place
     return principal
 
 
-CurrentUser = Annotated[Principal, Depends(current_principal)]
+# Any valid key, whatever its scopes: only `Scoped` takes it, so that no route can forget to
+# declare what it needs (the security suite checks every route for its `Scoped`).
+_AnyKey = Annotated[Principal, Depends(current_principal)]
 
 
 class Scoped:
@@ -104,8 +119,9 @@ class Scoped:
             raise ValueError(f"unknown scope '{scope}'; the scopes are {', '.join(SCOPES)}")
         self.scope = scope
 
-    async def __call__(self, principal: CurrentUser) -> Principal:
-        if not principal.has_scope(self.scope):
+    async def __call__(self, principal: _AnyKey) -> Principal:
+        # `admin` asks the role too (Principal.is_admin): it opens every tenant's data.
+        if not (principal.is_admin if self.scope == "admin" else principal.has_scope(self.scope)):
             if self.scope == "admin":
                 raise ApiError(403, "admin_required", "this action needs an admin API key")
             raise ApiError(
@@ -116,13 +132,6 @@ class Scoped:
                 scope=self.scope,
             )
         return principal
-
-
-def admin_principal(principal: Principal) -> Principal:
-    """Kept for callers outside a route: the principal if it is an admin's."""
-    if not principal.is_admin or not principal.has_scope("admin"):
-        raise ApiError(403, "admin_required", "this action needs an admin API key")
-    return principal
 
 
 CurrentAdmin = Annotated[Principal, Depends(Scoped("admin"))]
@@ -138,6 +147,8 @@ ModelWriter = Annotated[Principal, Depends(Scoped("models:write"))]
 AUTH_ERRORS = (
     (401, "unauthenticated", "missing API key: send 'Authorization: Bearer <key>' ..."),
     (401, "invalid_api_key", "the API key is unknown or revoked"),
+    (401, "expired_api_key", "the API key expired at 2026-01-31T12:00:00+00:00; create ..."),
+    (403, "insufficient_scope", "this API key lacks the 'jobs:write' scope; ..."),
     (429, "rate_limited", "this API key is over its rate limit of 600 requests a minute ..."),
 )
 ADMIN_ERRORS = ((403, "admin_required", "this action needs an admin API key"),)

@@ -7,9 +7,11 @@ network. So an API process keeps each answer for `lookup_cache_s` seconds (1 by 
 
 What that costs, and only that: a key revoked, or a model archived or deleted, by another
 process is still accepted here for at most `lookup_cache_s`. In this process the routes
-that archive or delete a model forget it at once. Only answers that let a request through
-are kept: a new key or model works at once, an unknown or revoked key is asked about every
-time, and every error a caller sees is decided by the database, as without the cache.
+that archive or delete a model, or revoke a key, forget it at once. Only answers that let a
+request through are kept: a new key or model works at once, an unknown or revoked key is
+asked about every time, and every error a caller sees is decided by the database, as
+without the cache (an expired key's principal is kept: the API refuses it on every request
+by its expiry, a check that needs no database).
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class TtlCache(Generic[K, V]):
         with self._lock:
             self._entries.pop(key, None)
 
+    def forget_where(self, matches: Callable[[V], bool]) -> None:
+        """Forget every entry whose value `matches` (a scan: for rare events, like a revoke)."""
+        with self._lock:
+            for key in [k for k, (_, value) in self._entries.items() if matches(value)]:
+                del self._entries[key]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -120,6 +128,11 @@ class Lookups:
     def forget_model(self, model_id: int) -> None:
         """Archived or deleted here: refuse it from the next request on."""
         self.models.forget(model_id)
+
+    def forget_key(self, prefix: str) -> None:
+        """Revoked here: refuse the key(s) with this prefix from the next request on (only
+        hashes are kept, so the principals are matched by their prefix)."""
+        self.principals.forget_where(lambda principal: principal.prefix == prefix)
 
     def _authenticate(self, key: str) -> Principal | None:
         with session_factory(self.database_url)() as session:

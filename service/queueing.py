@@ -1,7 +1,8 @@
 """The Celery app both sides build from the same settings.
 
 The API only sends tasks by name (it never imports `worker/`); the worker registers them.
-Celery carries "run job N" and nothing else: the database holds every result.
+Celery carries "run job N" and "send webhook delivery N", nothing else: the database holds
+every result.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from service.settings import QUEUES, Settings
+from service.settings import QUEUES, WEBHOOK_QUEUE, Settings
 
 TASK_FOR_KIND = {"finetune": "bit.finetune", "pretrain": "bit.pretrain"}
+WEBHOOK_TASK = "bit.webhook"
 
 
 def broker_options(settings: Settings) -> dict[str, object]:
@@ -43,7 +45,10 @@ def make_celery(settings: Settings) -> Celery:
         task_queues=[Queue(name, routing_key=name) for name in QUEUES],
         task_create_missing_queues=False,  # explicit queues; an unknown one is refused
         task_default_queue="finetune",
-        task_routes={task: {"queue": kind} for kind, task in TASK_FOR_KIND.items()},
+        task_routes={
+            **{task: {"queue": kind} for kind, task in TASK_FOR_KIND.items()},
+            WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+        },
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -72,3 +77,10 @@ def enqueue_job(settings: Settings, job_id: int, kind: str) -> None:
     if kind not in TASK_FOR_KIND:
         raise ValueError(f"unknown job kind '{kind}'; expected one of {sorted(TASK_FOR_KIND)}")
     celery_client(settings).send_task(TASK_FOR_KIND[kind], args=[job_id], queue=kind)
+
+
+def enqueue_webhook(settings: Settings, delivery_id: int, *, countdown: float = 0.0) -> None:
+    """Send 'deliver webhook N' to the webhooks queue, to run `countdown` seconds from now."""
+    celery_client(settings).send_task(
+        WEBHOOK_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE, countdown=countdown or None
+    )

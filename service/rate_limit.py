@@ -11,6 +11,11 @@ both spend the last token, and the script reads Redis's clock, so replicas whose
 disagree still refill alike. In the embedded mode (one process, no server) a dict under a
 lock does the same job with the same arithmetic.
 
+`take` also spends several tokens at once (`cost`), for the per-tenant predictions quota
+(service.quotas.predictions), which counts images, not requests: a request is let through
+while the bucket holds a token, and may leave it in debt, which later requests wait out. So
+a batch is never refused for its size alone, and the sustained rate still holds.
+
 If Redis cannot be reached the request is let through, with a warning: the limit guards
 against a runaway client and must not turn a Redis blip into an API outage (the endpoints
 that need the broker answer for themselves).
@@ -35,11 +40,12 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# KEYS[1]: the bucket; ARGV: capacity, tokens per second. Returns {allowed, tokens left}.
+# KEYS[1]: the bucket; ARGV: capacity, tokens per second, cost. Returns {allowed, tokens left}.
 # Numbers go back as strings: Redis turns a Lua number reply into an integer.
 _TAKE_SCRIPT = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -48,23 +54,25 @@ local at = tonumber(state[2]) or now
 tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
 local allowed = 0
 if tokens >= 1 then
-  tokens = tokens - 1
+  tokens = tokens - cost
   allowed = 1
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
--- A full bucket is the same as no bucket: let idle keys' state expire.
-redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+-- A full bucket is the same as no bucket: let the state expire once it would be full again.
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
 return {allowed, tostring(tokens)}
 """
 
 
 class Buckets(Protocol):
-    """Where token buckets live; `take` spends one token of `key` if it has one."""
+    """Where token buckets live; `take` spends `cost` tokens of `key` if it has one."""
 
     blocking: bool  # whether `take` waits on I/O (then the event loop must not call it)
 
-    def take(self, key: str, *, capacity: float, rate: float) -> tuple[bool, float]:
-        """(whether a token was taken, tokens left after the refill)."""
+    def take(
+        self, key: str, *, capacity: float, rate: float, cost: float = 1
+    ) -> tuple[bool, float]:
+        """(whether tokens were taken, tokens left after the refill; below 0: in debt)."""
         ...
 
 
@@ -78,14 +86,16 @@ class LocalBuckets:
         self._lock = threading.Lock()
         self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, monotonic time)
 
-    def take(self, key: str, *, capacity: float, rate: float) -> tuple[bool, float]:
+    def take(
+        self, key: str, *, capacity: float, rate: float, cost: float = 1
+    ) -> tuple[bool, float]:
         with self._lock:
             now = self._clock()
             tokens, at = self._state.get(key, (capacity, now))
             tokens = min(capacity, tokens + (now - at) * rate)
             allowed = tokens >= 1
             if allowed:
-                tokens -= 1
+                tokens -= cost
             self._state[key] = (tokens, now)
             return allowed, tokens
 
@@ -101,8 +111,10 @@ class RedisBuckets:
         self._script = self._client.register_script(_TAKE_SCRIPT)
         self.prefix = f"{prefix}bit:rate:"
 
-    def take(self, key: str, *, capacity: float, rate: float) -> tuple[bool, float]:
-        allowed, tokens = self._script(keys=[self.prefix + key], args=[capacity, rate])
+    def take(
+        self, key: str, *, capacity: float, rate: float, cost: float = 1
+    ) -> tuple[bool, float]:
+        allowed, tokens = self._script(keys=[self.prefix + key], args=[capacity, rate, cost])
         return bool(allowed), float(tokens)
 
     def close(self) -> None:
@@ -149,17 +161,19 @@ class RateLimiter:
         )
 
 
+def buckets_for(settings: Settings) -> Buckets:
+    """Buckets in the broker's Redis when it is Redis (shared by replicas), else here."""
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return RedisBuckets(settings.broker_url, settings.broker_key_prefix)
+    return LocalBuckets()
+
+
 def limiter_for(settings: Settings) -> RateLimiter | None:
     """The limiter the settings ask for; None when limits are off (per minute = 0)."""
     if settings.rate_limit_per_minute <= 0:
         return None
-    buckets: Buckets
-    if settings.broker_url.startswith(("redis://", "rediss://")):
-        buckets = RedisBuckets(settings.broker_url, settings.broker_key_prefix)
-    else:
-        buckets = LocalBuckets()
     return RateLimiter(
-        buckets,
+        buckets_for(settings),
         per_minute=settings.rate_limit_per_minute,
         capacity=settings.rate_limit_burst or settings.rate_limit_per_minute,
     )

@@ -14,7 +14,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-QUEUES = ("finetune", "pretrain")
+# Job queues are named after job kinds; webhook deliveries have their own queue (and worker),
+# so a callback never waits behind minutes of training.
+JOB_QUEUES = ("finetune", "pretrain")
+WEBHOOK_QUEUE = "webhooks"
+QUEUES = (*JOB_QUEUES, WEBHOOK_QUEUE)
 
 
 class Settings(BaseSettings):
@@ -34,7 +38,8 @@ class Settings(BaseSettings):
     lease_s: int = 120  # a running job's lease; renewed by its heartbeat
     heartbeat_s: float = 10.0
     reconcile_every_s: float = 30.0
-    queued_grace_s: float = 60.0  # a queued job older than this without a worker is re-sent
+    # A queued job, or a due webhook delivery, older than this without a worker is re-sent.
+    queued_grace_s: float = 60.0
     max_attempts: int = 3
     progress_every_s: float = 1.0  # throttle for progress writes to the database
     checkpoint_every: int = 50
@@ -119,6 +124,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # A worker serves its Prometheus metrics at http://<host>:<port>/metrics (worker/
+    # metrics.py); 0: not served. `bit serve` gives its workers free ports (its job worker
+    # this one, when set) and shows their metrics in the API's /metrics.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
     @model_validator(mode="after")
     def _embedded_defaults(self) -> Settings:

@@ -1,4 +1,5 @@
-"""`bit serve`'s worker: started with the API, restarted when it dies, stopped within a bound.
+"""`bit serve`'s workers (a WorkerSupervisor each: the job worker and the webhook worker):
+started with the API, restarted when they die, stopped within a bound.
 
 - A worker that exits while not asked to (OOM killer, kill -9, a crash) is logged with its
   exit code or signal and started again after a backoff: `worker_restart_backoff_s`,
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from service.settings import Settings
 
@@ -83,8 +84,10 @@ class WorkerSupervisor:
         command: Sequence[str],
         *,
         expire_leases: Callable[[str], list[int]] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.settings, self.command = settings, list(command)
+        self.env = dict(env or {})  # added to the worker's environment
         self.expire_leases = expire_leases or self._expire_leases_in_db
         self.restarts = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -143,7 +146,7 @@ class WorkerSupervisor:
             # worker with one SIGTERM (a second Ctrl-C would make Celery's shutdown cold).
             start_new_session=True,
             preexec_fn=die_with_parent(os.getpid()),
-            env={**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())},
+            env={**os.environ, **self.env, SUPERVISOR_PID_ENV: str(os.getpid())},
         )
 
     def _supervise(self) -> None:
@@ -195,6 +198,8 @@ class WorkerSupervisor:
     def _expire_leases_in_db(self, owner: str) -> list[int]:
         from service.db.session import session_scope
         from service.jobs.lifecycle import expire_leases_of
+        from service.webhooks.outbox import expire_delivery_leases_of
 
         with session_scope(self.settings.database_url) as session:
+            expire_delivery_leases_of(session, owner)  # a webhook worker's POSTs in flight
             return expire_leases_of(session, owner)

@@ -14,9 +14,13 @@ from celery import signals
 from bit_core.device import resolve_device
 from service.queueing import make_celery
 from service.settings import get_settings
+from service.webhooks import check_webhook_settings
+from worker.metrics import expose
 from worker.reconciler import Reconciler
 from worker.shutdown import request_shutdown
 
+# Like the API, a worker refuses to start with webhooks on and a missing or short secret.
+check_webhook_settings(get_settings())
 app = make_celery(get_settings())
 app.conf.imports = ("worker.tasks",)
 
@@ -42,6 +46,12 @@ def _start_reconciler(**_: object) -> None:
     queues = ",".join(sorted(app.amqp.queues.consume_from or app.amqp.queues))
     _reconciler = Reconciler(settings, worker_name(), queues, str(resolve_device(settings.device)))
     _reconciler.start()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(**_: object) -> None:
+    """Jobs run, failures, step time and webhook attempts, on BIT_WORKER_METRICS_PORT."""
+    expose(get_settings())
 
 
 @signals.worker_shutting_down.connect

@@ -38,8 +38,9 @@ from service.jobs.lifecycle import (
 )
 from service.jobs.service import send
 from service.settings import Settings
+from service.webhooks.outbox import send_pending
+from worker.metrics import count_run
 from worker.shutdown import shutdown_requested
-from worker.webhook import deliver_result
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,12 @@ def run_job(
         job = take_lease(session, job_id, owner, settings.lease_s)
         if job is None:
             return "skipped"  # finished, or a live run holds it: drop this delivery
+        job_kind = job.kind  # read now: once the database is lost, the row cannot be refreshed
         if job.cancel_requested:
             finish(session, job, JobStatus.CANCELLED, owner=owner)
             session.commit()
+            count_run(job_kind, JobStatus.CANCELLED, None)
+            send_pending(session, settings, job_id)
             return JobStatus.CANCELLED
         # take_lease started the run (running, one more attempt); its event waits for the
         # checkpoint, which tells "started" from "resumed".
@@ -211,8 +215,9 @@ def run_job(
         finally:
             heartbeat.done.set()
             heartbeat.join()
-        if outcome in TERMINAL and job.callback_url:
-            deliver_result(settings, session, job)
+        count_run(job_kind, outcome, job.error_code if outcome == JobStatus.FAILED else None)
+        if outcome in TERMINAL:  # its webhook delivery was written with the final status
+            send_pending(session, settings, job_id)
         return outcome
 
 

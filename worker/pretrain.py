@@ -38,6 +38,7 @@ from service.db.models import BaseModelRecord, Job, JobMetric
 from service.jobs.lifecycle import JobStatus, finish, record_progress
 from service.settings import Settings
 from worker.job_run import RunState, run_job, stopped_for_shutdown
+from worker.metrics import StepTimer
 from worker.shutdown import shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -258,12 +259,14 @@ def _wait_until_gone(job_id: str) -> None:
 
 
 class ProgressTail:
-    """Reads new lines of the run's progress file; writes them to the job row."""
+    """Reads new lines of the run's progress file; writes them to the job row, and times
+    the steps (rank 0 stamps each line with its wall time)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path, self.offset = run_dir / PROGRESS, 0
         self.outcome: str | None = None
         self.last_loss: float | None = None
+        self.steps = StepTimer("pretrain")
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -277,6 +280,8 @@ class ProgressTail:
         for record in records:
             self.outcome = record.get("outcome", self.outcome)
             self.last_loss = record.get("loss", self.last_loss)
+            if "loss" in record:
+                self.steps.note(record["step"], record["time"])
         return [r for r in records if "loss" in r]
 
 

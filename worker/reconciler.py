@@ -6,6 +6,8 @@
   than there are such jobs: messages were lost (broker restarted without persistence).
 - A job whose runs died `max_attempts` times fails instead (whatever kills it, e.g. running
   out of memory, would only kill it again).
+- A webhook delivery due for longer than the grace period that no live worker holds: its
+  message was lost, or its worker died mid-POST; it is re-sent (service.webhooks.outbox).
 Re-sending is always safe: the DB lease drops duplicates. The reconciler also sweeps the
 artifact store of files that killed processes left behind (service.db.orphans).
 """
@@ -29,8 +31,8 @@ from service.db.session import session_factory
 from service.jobs.lifecycle import JobStatus, add_event, finish, reclaim_dead_run, requeue
 from service.jobs.service import send
 from service.queueing import celery_client
-from service.settings import QUEUES, Settings
-from worker.webhook import deliver_result
+from service.settings import JOB_QUEUES, WEBHOOK_QUEUE, Settings
+from service.webhooks.outbox import due_deliveries, enqueue, send_pending
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +52,9 @@ def queue_depths(app: Celery) -> dict[str, int]:
 
 
 def ended(session: Session, settings: Settings, job: Job) -> None:
-    """Commit a job this pass ended; its webhook fires as if its run had ended it."""
+    """Commit a job this pass ended; its webhook is sent as if its run had ended it."""
     session.commit()
-    if job.callback_url:
-        deliver_result(settings, session, job)
+    send_pending(session, settings, job.id)
 
 
 def reconcile(session: Session, settings: Settings) -> list[int]:
@@ -104,7 +105,7 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
         send(session, settings, job)
         resent.append(job.id)
 
-    for kind in QUEUES:
+    for kind in JOB_QUEUES:
         jobs = [job for job in waiting if job.kind == kind]
         if jobs and depths.get(kind, 0) < len(jobs):
             for job in jobs:
@@ -112,6 +113,17 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
                 send(session, settings, job)
                 resent.append(job.id)
     return resent
+
+
+def reconcile_webhooks(session: Session, settings: Settings) -> list[int]:
+    """Re-send the webhook deliveries due for longer than the grace period that no live
+    worker holds (a lost message; a worker killed mid-POST, whose lease ran out); not while
+    the webhooks queue already holds a message for each. Returns the ids re-sent."""
+    due = due_deliveries(session, settings.queued_grace_s)
+    session.rollback()  # end the read's transaction
+    if not due or queue_depths(celery_client(settings)).get(WEBHOOK_QUEUE, 0) >= len(due):
+        return []
+    return [delivery_id for delivery_id in due if enqueue(settings, delivery_id)]
 
 
 class Reconciler(threading.Thread):
@@ -143,6 +155,7 @@ class Reconciler(threading.Thread):
                 with make_session() as session:
                     self.beat(session)
                     resent = reconcile(session, self.settings)
+                    webhooks = reconcile_webhooks(session, self.settings)
                     if time.monotonic() - self.swept_at >= self.settings.orphan_sweep_every_s:
                         self.swept_at = time.monotonic()
                         sweep_orphans(
@@ -150,6 +163,8 @@ class Reconciler(threading.Thread):
                         )
                 if resent:
                     log.info("reconciler re-sent jobs %s", resent)
+                if webhooks:
+                    log.info("reconciler re-sent webhook deliveries %s", webhooks)
             except Exception:  # database or broker down: try again next round
                 log.warning("reconcile pass failed", exc_info=True)
             self.stopped.wait(self.settings.reconcile_every_s)

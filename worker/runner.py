@@ -19,6 +19,7 @@ from service.jobs.lifecycle import JobStatus, finish
 from service.models.service import model_row
 from service.settings import Settings
 from worker.job_run import ProgressWriter, RunState, run_job, stopped_for_shutdown
+from worker.metrics import StepTimer
 from worker.shutdown import shutdown_requested
 
 CHECKPOINT_FILE = "state.safetensors"
@@ -79,7 +80,7 @@ def _train_and_register(
             checkpoint_every=settings.checkpoint_every,
         ),
         checkpoint_path=checkpoint,
-        on_progress=ProgressWriter(session, settings, job, owner, state),
+        on_progress=StepTimer(job.kind).wrap(ProgressWriter(session, settings, job, owner, state)),
         should_stop=state.should_stop,
         on_checkpoint=lambda path: store.put_file(checkpoint_key(job), path),
     )

@@ -1,4 +1,4 @@
-"""Celery tasks: take a job id, run it. Nothing else lives here."""
+"""Celery tasks: take a job (or webhook delivery) id, run it. Nothing else lives here."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from service.settings import get_settings
 from worker.celery_app import app, set_current_job, worker_name
 from worker.pretrain import run_pretrain_job
 from worker.runner import run_finetune_job
+from worker.webhook import deliver
 
 
 @app.task(name="bit.finetune")
@@ -26,3 +27,9 @@ def pretrain(job_id: int) -> str:
         return run_pretrain_job(get_settings(), job_id, worker_name())
     finally:
         set_current_job(None)
+
+
+@app.task(name="bit.webhook")
+def webhook(delivery_id: int) -> str:
+    """Make one attempt of webhook delivery `delivery_id` (the next is scheduled by it)."""
+    return deliver(get_settings(), delivery_id, worker_name())

@@ -1,9 +1,9 @@
 """Dashboard sessions: an admin API key, pasted once, becomes a signed session cookie.
 
 The cookie holds the key's id and a per-session CSRF token, signed with itsdangerous and
-timestamped (never the key itself). Every request re-reads the key row, so revoking the key
-or demoting it ends its sessions at once. Forms carry the CSRF token; a POST without it is
-refused with 403 before anything runs.
+timestamped (never the key itself). Every request re-reads the key row, so revoking the key,
+its expiry, or demoting it ends its sessions at once. Forms carry the CSRF token; a POST
+without it is refused with 403 before anything runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -153,9 +153,20 @@ def read_session(request: Request, session: Session, settings: Settings) -> Admi
     except (BadSignature, KeyError, TypeError, ValueError):
         return None
     row = session.get(ApiKey, key_id)
-    if row is None or row.revoked or row.role != "admin":
+    if row is None or row.revoked or not opens_dashboard(principal_of(row)):
         return None
-    return AdminSession(principal_of(row), csrf)
+    # With this request's address: the actions the operator takes are audited with it.
+    return AdminSession(replace(principal_of(row), address=client_address(request)), csrf)
+
+
+def opens_dashboard(principal: Principal) -> bool:
+    """Whether a key may open the dashboard: an admin's (the `admin` scope), not expired."""
+    return principal.is_admin and not principal.expired()
+
+
+def client_address(request: Request) -> str | None:
+    """The address the request came from (as the server saw it), for the audit log."""
+    return request.client.host if request.client else None
 
 
 def login_token(request: Request, settings: Settings) -> tuple[str, bool]:

@@ -7,10 +7,12 @@ call the same service functions as the API, as the signed-in admin.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import math
 import threading
 from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -18,6 +20,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
+from service.audit import ACTIONS, AuditFilter, AuditSlice, list_events, record
 from service.auth import authenticate
 from service.base_models import list_base_models
 from service.dashboard import queries
@@ -29,8 +32,10 @@ from service.dashboard.auth import (
     check_csrf,
     check_login_token,
     clear_flash,
+    client_address,
     end_session,
     login_token,
+    opens_dashboard,
     read_flash,
     read_session,
     safe_next,
@@ -55,6 +60,7 @@ from service.jobs import service as jobs
 from service.jobs.status import ACTIVE, RETRYABLE, TERMINAL
 from service.models import service as models
 from service.settings import Settings
+from service.webhooks.service import delivery_reads, resend
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
@@ -134,8 +140,8 @@ def login(
     check_login_token(request, settings, login_token_)
     key = api_key.strip()
     principal = authenticate(session, key) if 0 < len(key) <= MAX_KEY_CHARS else None
-    if principal is None or not principal.is_admin:
-        # One message for unknown, revoked and non-admin keys: it tells nothing about them.
+    if principal is None or not opens_dashboard(principal):
+        # One message for unknown, revoked, expired and non-admin keys: it tells nothing about them.
         return _login_page(
             request,
             settings,
@@ -143,6 +149,16 @@ def login(
             error="That key cannot open the dashboard. Use an admin API key "
             "(created with `bit admin create-key --role admin`).",
         )
+    # Only a successful sign-in is recorded: a wrong key writes nothing.
+    record(
+        session,
+        principal,
+        "admin.login",
+        tenant=principal.tenant,
+        target="dashboard",
+        address=client_address(request),
+    )
+    session.commit()
     response = RedirectResponse(safe_next(next), status_code=303)
     start_session(request, response, settings, principal)
     return response
@@ -248,6 +264,7 @@ def job_page(
             dataset=session.get(Dataset, job.dataset_id) if job.dataset_id else None,
             active=job.status in ACTIVE,
             run_s=queries.run_seconds(job),
+            webhooks=delivery_reads(session, job.id),
         ),
     )
 
@@ -328,7 +345,7 @@ def cancel(
         settings,
         job_id,
         "cancel requested",
-        lambda: jobs.cancel_job(session, principal=admin.principal, job_id=job_id),
+        lambda: jobs.cancel_job(session, settings, principal=admin.principal, job_id=job_id),
     )
 
 
@@ -350,6 +367,37 @@ def retry(
         "queued again",
         lambda: jobs.retry_job(session, settings, principal=admin.principal, job_id=job_id),
     )
+
+
+@router.post("/jobs/{job_id}/webhooks/{delivery_id}/resend")
+def resend_webhook(
+    request: Request,
+    job_id: IdPath,
+    delivery_id: IdPath,
+    admin: AdminPage,
+    session: SessionDep,
+    settings: SettingsDep,
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Send a job's webhook delivery again (same event id, a fresh retry window)."""
+    check_csrf(admin, csrf_token)
+    response = RedirectResponse(f"/admin/jobs/{job_id}", status_code=303)
+    try:
+        delivery = resend(
+            session, settings, principal=admin.principal, job_id=job_id, delivery_id=delivery_id
+        )
+    except ApiError as exc:
+        if exc.code == "job_not_found":
+            raise PageNotFound(f"job {job_id} does not exist") from exc
+        set_flash(request, response, settings, exc.message)
+    else:
+        set_flash(
+            request,
+            response,
+            settings,
+            f"Job {job_id}: webhook {delivery.event_id} queued to be sent again.",
+        )
+    return response
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -643,4 +691,87 @@ def base_model_list(request: Request, admin: AdminPage, settings: SettingsDep) -
             scratch=[r for r in rows if r.source == "scratch"],
             weights_dir=settings.weights_dir,
         ),
+    )
+
+
+# --- audit log -------------------------------------------------------------------------------
+
+
+def _audit_filter(values: dict[str, str]) -> AuditFilter:
+    """The form's filters as an AuditFilter; ApiError (shown on the page) for a bad one."""
+    for name in ("tenant", "actor"):
+        if not values[name].isprintable():
+            raise ApiError(422, "invalid_filter", f"{name} must be printable text")
+
+    def moment(name: str) -> dt.datetime | None:
+        text = values[name]
+        if not text:
+            return None
+        try:
+            parsed = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ApiError(
+                422,
+                "invalid_time",
+                f"{name} '{text}' is not a time; write e.g. 2025-01-31 12:00 (UTC) or an "
+                "RFC 3339 time such as 2025-01-31T12:00:00+01:00",
+            ) from None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)  # the form says UTC
+
+    return AuditFilter(
+        tenant=values["tenant"] or None,
+        action=values["action"] or None,
+        actor=values["actor"] or None,
+        since=moment("since"),
+        until=moment("until"),
+    )
+
+
+@router.get("/audit")
+def audit_log(
+    request: Request,
+    admin: AdminPage,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: str = "",
+    action: str = "",
+    actor: str = "",
+    since: str = "",
+    until: str = "",
+    page_number: Annotated[int, Query(alias="page", ge=1, le=100_000)] = 1,
+) -> Response:
+    """Who did what, newest first, filtered by tenant, action, acting key and time."""
+    values = {
+        "tenant": tenant.strip()[:64],
+        "action": action if action in ACTIONS else "",
+        "actor": actor.strip()[:16],
+        "since": since.strip()[:64],
+        "until": until.strip()[:64],
+    }
+    error = None
+    try:
+        found = list_events(
+            session,
+            where=_audit_filter(values),
+            limit=PAGE_SIZE,
+            offset=(page_number - 1) * PAGE_SIZE,
+        )
+    except ApiError as exc:  # a filter the form cannot use: say so, show nothing
+        error, found = exc.message, AuditSlice([], 0, False)
+    return _render(
+        request,
+        settings,
+        "audit.html",
+        _context(
+            admin,
+            "audit",
+            events=found.rows,
+            actions=ACTIONS,
+            filters=values,
+            filtered=any(values.values()),
+            query=urlencode({name: value for name, value in values.items() if value}),
+            error=error,
+            pager=_pages(found.total, page_number),
+        ),
+        status_code=422 if error else 200,
     )

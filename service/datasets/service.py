@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from bit_core.data import LabeledImages
 from bit_core.images import ImageSource
+from service.audit import record
 from service.auth import Principal, require_visible
 from service.datasets.schemas import (
     DatasetRead,
@@ -39,6 +40,7 @@ from service.db.artifacts import ArtifactStore, cleanup_on_error
 from service.db.models import Dataset, Image, Job
 from service.errors import ApiError
 from service.jobs.status import ACTIVE
+from service.quotas import check_storage
 from service.settings import Settings
 
 
@@ -141,6 +143,14 @@ def _store_images(
         )
 
 
+def _check_quota(
+    session: Session, settings: Settings, tenant: str, images: Sequence[CheckedImage]
+) -> None:
+    """The tenant's images and stored-bytes quotas, for the new images of an upload."""
+    size = sum(image.size_bytes for image in images)
+    check_storage(session, settings, tenant=tenant, images=len(images), size_bytes=size)
+
+
 # --- writes ----------------------------------------------------------------------------------
 
 
@@ -159,6 +169,7 @@ def create_dataset(
     _check_class_count(len({item.label.strip() for item in items}), settings)
     images = _dedupe(check_items(items, settings), {})
     _check_classes(Counter(image.label for image in images), settings)
+    _check_quota(session, settings, tenant, images)
     dataset = Dataset(tenant=tenant, name=name)
     try:
         session.add(dataset)
@@ -193,6 +204,7 @@ def append_images(
     counts = Counter(class_counts(session, [dataset.id]).get(dataset.id, {}))
     counts.update(image.label for image in images)
     _check_classes(counts, settings)
+    _check_quota(session, settings, dataset.tenant, images)
     try:
         # Only keys this call created are removed on failure: others belong to stored rows.
         with cleanup_on_error(store, []) as written:
@@ -224,9 +236,18 @@ def delete_dataset(
             "for them to finish or cancel them, then delete again",
             jobs=active,
         )
+    images = session.scalar(select(func.count()).where(Image.dataset_id == dataset.id)) or 0
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
-    session.commit()
+    record(
+        session,
+        principal,
+        "dataset.delete",
+        tenant=dataset.tenant,
+        target=f"dataset {dataset.id}",
+        detail={"name": dataset.name, "images": images},
+    )
+    session.commit()  # the audit row with the delete: both or neither
     # After the commit: if it failed, the rows would still point at these files.
     store.delete_prefix(dataset_prefix(dataset.id))
 

@@ -36,6 +36,10 @@ finished as cancelled. A finished job is not claimable: a redelivered message fo
 dropped (None), which is normal, not an error. The start's event ("started"/"resumed")
 is written by the run once it knows whether a checkpoint exists (worker.job_run.run_job).
 
+A move to a final status of a job with a `callback_url` also adds its webhook delivery
+(service.webhooks.outbox), in the same transaction; the caller enqueues it after the commit
+(`send_pending`), and the reconciler does if that message is lost.
+
 `transition` reads the row's status afresh. A fenced call (`owner`) whose lease is gone,
 or a call limited to some sources (`only_from`) that finds the job elsewhere, changes
 nothing and returns False: another actor moved the job first (a race, not a bug). An edge
@@ -53,6 +57,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Job, JobEvent, utcnow
 from service.jobs.status import ACTIVE, RETRYABLE, TERMINAL, JobStatus
+from service.webhooks.outbox import add_delivery
 
 __all__ = [
     "ACTIVE",
@@ -153,6 +158,10 @@ def transition(
     if changed == 1:
         session.refresh(job)
         add_event(session, job, event or to, worker=owner, detail=detail)
+        if to in TERMINAL and job.callback_url:
+            # The outbox row commits with the status: each final status is called back
+            # exactly once, whichever path ended the job (service.webhooks.outbox).
+            add_delivery(session, job)
     return changed == 1
 
 

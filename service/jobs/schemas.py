@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from service.db.models import MAX_ID
+from service.webhooks.schemas import WebhookDeliveryRead
 
 
 class FinetuneOverrides(BaseModel):
@@ -105,7 +106,8 @@ class EventRead(BaseModel):
 
 
 class JobDetail(JobRead):
-    """A job with its curves and history."""
+    """A job with its curves, history and webhook deliveries (each with its attempts)."""
 
     curves: list[MetricPoint] = []
     events: list[EventRead] = []
+    webhooks: list[WebhookDeliveryRead] = []

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from bit_core.hyperrule import OVERRIDABLE, hyperrule
 from bit_core.recipe import BaseModelNotInstalled, resolve_base
+from service.audit import record
 from service.auth import Principal, require_visible
 from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, utcnow
 from service.errors import ApiError
@@ -17,7 +18,10 @@ from service.jobs import lifecycle
 from service.jobs.lifecycle import add_event
 from service.jobs.status import RETRYABLE, TERMINAL, JobStatus
 from service.queueing import enqueue_job
+from service.quotas import check_new_job
 from service.settings import Settings
+from service.webhooks.outbox import send_pending
+from service.webhooks.service import check_callback_url
 
 
 def resolve_base_model(settings: Settings, name: str) -> tuple[str, str]:
@@ -97,11 +101,13 @@ def create_finetune_job(
     callback_url: str | None,
 ) -> Job:
     """Validate, resolve the plan, commit the job row, then enqueue it (in that order)."""
+    callback_url = check_callback_url(settings, callback_url)
     dataset = _visible_dataset(session, principal, dataset_id)
     base_name, arch = resolve_base_model(settings, base_model or settings.default_base_model)
     plan = resolve_plan(
         session, settings, dataset_id=dataset.id, arch=arch, mode=mode, overrides=overrides
     )
+    check_new_job(session, settings, tenant=dataset.tenant, kind="finetune")
     job = Job(
         tenant=dataset.tenant,
         kind="finetune",
@@ -158,29 +164,51 @@ def list_jobs(
     return list(rows), total
 
 
-def cancel_job(session: Session, *, principal: Principal, job_id: int) -> Job:
-    """Queued jobs stop at once; running ones are asked to stop between steps."""
+def cancel_job(session: Session, settings: Settings, *, principal: Principal, job_id: int) -> Job:
+    """Queued jobs stop at once (their webhook is sent); running ones are asked to stop
+    between steps."""
     job = get_job(session, principal=principal, job_id=job_id)
     if job.status in TERMINAL:
         raise ApiError(409, "job_finished", f"job {job.id} already ended ({job.status})")
+    was = job.status
     job.cancel_requested = True
     # Unleased and queued: no run will see the flag, so the job ends now. Leased but still
     # queued: the run that claimed it finds the flag and cancels it.
     if not lifecycle.cancel_queued(session, job):
         lifecycle.request_cancel(session, job)
+    record(
+        session,
+        principal,
+        "job.cancel",
+        tenant=job.tenant,
+        target=f"job {job.id}",
+        detail={"from": was, "to": job.status},
+    )
     session.commit()
+    send_pending(session, settings, job.id)  # a job cancelled while queued calls back now
     return job
 
 
 def retry_job(session: Session, settings: Settings, *, principal: Principal, job_id: int) -> Job:
     """Re-run a failed or cancelled job; it resumes from its last checkpoint if any."""
     job = get_job(session, principal=principal, job_id=job_id)
+    was = job.status
+    if job.status in RETRYABLE:  # queued again, it counts as a new job would
+        check_new_job(session, settings, tenant=job.tenant, kind=job.kind)
     if job.status not in RETRYABLE or not lifecycle.retry(session, job):
         raise ApiError(
             409,
             "job_not_retryable",
             f"job {job.id} is {job.status}; only failed or cancelled jobs can be retried",
         )
+    record(
+        session,
+        principal,
+        "job.retry",
+        tenant=job.tenant,
+        target=f"job {job.id}",
+        detail={"from": was},
+    )
     session.commit()
     send(session, settings, job)
     return job

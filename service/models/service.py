@@ -16,6 +16,7 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from bit_core.checkpoint import ModelInfo
+from service.audit import record
 from service.auth import Principal, visible
 from service.db.artifacts import ArtifactStore
 from service.db.models import Job, Model
@@ -134,8 +135,16 @@ def model_ref(model: Model) -> ModelRef:
 def archive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
     """Mark a model archived (idempotent); predict then answers 409 `model_archived`."""
     model = get_model(session, principal=principal, model_id=model_id)
-    if model.status != ModelStatus.ARCHIVED:
+    if model.status != ModelStatus.ARCHIVED:  # archiving twice changes nothing: no row
         model.status = ModelStatus.ARCHIVED
+        record(
+            session,
+            principal,
+            "model.archive",
+            tenant=model.tenant,
+            target=f"model {model.id}",
+            detail={"name": model.name},
+        )
         session.commit()
     return model
 
@@ -146,6 +155,14 @@ def delete_model(
     """Delete a model's row, then its files."""
     model = get_model(session, principal=principal, model_id=model_id)
     uri = model.uri
+    record(
+        session,
+        principal,
+        "model.delete",
+        tenant=model.tenant,
+        target=f"model {model.id}",
+        detail={"name": model.name, "status": model.status},
+    )
     session.delete(model)
     session.commit()
     # Row first: a crash in between leaves unreferenced files (harmless), never a row

@@ -19,6 +19,7 @@ from service.jobs.lifecycle import add_event
 from service.jobs.service import send
 from service.jobs.status import JobStatus
 from service.pretrain.schemas import PretrainRequest
+from service.quotas import check_new_job
 from service.settings import Settings
 
 
@@ -73,6 +74,8 @@ def create_pretrain_job(
             "unknown_architecture",
             f"unknown architecture '{request.arch}'; one of {', '.join(ARCHITECTURES)}",
         )
+    # Before the dataset's manifest is written: a refused job leaves nothing behind.
+    check_new_job(session, settings, tenant=principal.tenant, kind="pretrain")
     if request.dataset_id is not None:
         dataset = session.get(Dataset, request.dataset_id)
         if dataset is None:

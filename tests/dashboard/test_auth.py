@@ -31,6 +31,7 @@ PAGES = [
     "/admin/datasets",
     "/admin/datasets/1",
     "/admin/base-models",
+    "/admin/audit",
     "/admin/thumbnails/1.jpg",
 ]
 

@@ -51,6 +51,7 @@ def test_every_page_renders_for_an_admin(admin: TestClient, seeded: Seeded):
         "/admin/datasets",
         f"/admin/datasets/{seeded.dataset_id}",
         "/admin/base-models",
+        "/admin/audit",
     ]
     for path in pages:
         response = admin.get(path)

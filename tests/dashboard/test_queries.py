@@ -12,7 +12,7 @@ from service.dashboard.evaluation import _round_robin
 from service.dashboard.heatmap import MAX_HEATMAP_CLASSES, heatmap, top_confusions
 from service.dashboard.queries import plan_rows, queue_depths
 from service.dashboard.templating import duration
-from service.queueing import celery_client, enqueue_job
+from service.queueing import celery_client, enqueue_job, enqueue_webhook
 from tests.service.conftest import REDIS_URL, make_settings
 
 
@@ -23,8 +23,9 @@ def test_queue_depths_count_the_messages_waiting_in_redis(tmp_path: Path):
     )
     for job_id, kind in ((1, "finetune"), (2, "finetune"), (3, "pretrain")):
         enqueue_job(settings, job_id, kind)
+    enqueue_webhook(settings, 1)
     try:
-        assert queue_depths(settings) == {"finetune": 2, "pretrain": 1}
+        assert queue_depths(settings) == {"finetune": 2, "pretrain": 1, "webhooks": 1}
     finally:
         with celery_client(settings).connection_for_write() as connection:
             for queue in celery_client(settings).conf.task_queues:
@@ -34,7 +35,7 @@ def test_queue_depths_count_the_messages_waiting_in_redis(tmp_path: Path):
 def test_a_broker_that_is_down_reads_unreachable_without_hanging_the_page(tmp_path: Path):
     settings = make_settings(tmp_path, broker_url="redis://127.0.0.1:1/0")
     began = time.monotonic()
-    assert queue_depths(settings) == {"finetune": None, "pretrain": None}
+    assert queue_depths(settings) == {"finetune": None, "pretrain": None, "webhooks": None}
     assert time.monotonic() - began < 10
 
 

@@ -37,7 +37,10 @@ pytestmark = pytest.mark.deployment
 
 # What an operator sets in the shell before `docker compose up` (README): compose reads
 # these, and only these, from the environment here, so the runner's own cannot leak in.
-OPERATOR = {"BIT_WEBHOOK_SECRET": "deployment-test-secret", "POSTGRES_PASSWORD": "operator-pw"}
+OPERATOR = {
+    "BIT_WEBHOOK_SECRET": "deployment-test-secret-of-32-chars+",
+    "POSTGRES_PASSWORD": "operator-pw",
+}
 
 
 # --- the file, as compose reads it ---------------------------------------------------------
@@ -477,7 +480,13 @@ def worker_rows(database_url: str) -> dict[str, tuple[str, str]]:
 def test_compose_layout_serves_a_finetune_and_a_predict(compose: Compose):
     compose.up()
     processes = list(compose.processes.values())
-    assert set(compose.processes) == {"migrate", "api", "worker-gpu", "worker-cluster"}
+    assert set(compose.processes) == {
+        "migrate",
+        "api",
+        "worker-gpu",
+        "worker-cluster",
+        "worker-webhooks",
+    }
     assert compose.processes["migrate"].popen.returncode == 0
     running = [p for p in processes if p.name != "migrate"]
 
@@ -488,7 +497,11 @@ def test_compose_layout_serves_a_finetune_and_a_predict(compose: Compose):
     workers = wait_while_running(running, both_workers, 60, "a worker on each queue")
     by_queue = {queues: (name, device) for name, (queues, device) in workers.items()}
     host = socket.gethostname()
-    for queue, service in (("finetune", "worker-gpu"), ("pretrain", "worker-cluster")):
+    for queue, service in (
+        ("finetune", "worker-gpu"),
+        ("pretrain", "worker-cluster"),
+        ("webhooks", "worker-webhooks"),
+    ):
         name, _ = by_queue[queue]
         assert name == f"{host}:{compose.processes[service].pid}", (by_queue, tails(processes))
     assert by_queue["finetune"][1] == "cpu", by_queue  # BIT_DEVICE=cuda, mapped (LOCAL_RUN)

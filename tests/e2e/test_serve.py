@@ -7,20 +7,32 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.webhooks import verify
 from tests.e2e.conftest import service_env
 from tests.e2e.live import labeled_uploads
 from tests.polling import free_port, wait_for
+from tests.worker.webhook_receiver import webhook_receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
+WEBHOOK_SECRET = "serve-test-webhook-secret-0123456789abcdef"
 
 
 def test_bit_serve_answers_a_finetune_and_a_predict(tmp_path: Path):
-    env = {**os.environ, **service_env(tmp_path / "state")}
+    receiving = ExitStack()  # the job's callback goes here, through bit serve's webhook worker
+    receiver = receiving.enter_context(webhook_receiver())
+    env = {
+        **os.environ,
+        **service_env(tmp_path / "state"),
+        "BIT_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "BIT_WEBHOOK_ALLOW": "127.0.0.1",
+    }
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as handle:
@@ -60,7 +72,12 @@ def test_bit_serve_answers_a_finetune_and_a_predict(tmp_path: Path):
         job = client.post(
             "/v1/finetune/upload",
             files=files,
-            data={"labels": labels, "base_model": "R14x0.5", "overrides": json.dumps(plan)},
+            data={
+                "labels": labels,
+                "base_model": "R14x0.5",
+                "overrides": json.dumps(plan),
+                "callback_url": receiver.url,
+            },
         ).json()
 
         def finished() -> dict | None:
@@ -74,6 +91,28 @@ def test_bit_serve_answers_a_finetune_and_a_predict(tmp_path: Path):
             "/v1/predict", files=held_out, data={"model_id": str(done["model_id"])}
         )
         assert [p["top_k"][0]["label"] for p in predicted.json()["predictions"]] == truth
+        wait_for(lambda: receiver.received, 60, "the job's webhook")
+        (callback,) = receiver.received
+        assert callback.payload["type"] == "job.succeeded"
+        assert verify([WEBHOOK_SECRET], callback.signature, callback.body)
+
+        # One scrape target shows both processes: the API's counts and its worker's runs.
+        def counted() -> str | None:
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            return text if 'outcome="succeeded"' in text else None
+
+        metrics = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(
+                wait_for(counted, 30, "the worker's run in the API's /metrics")
+            )
+            for sample in family.samples
+        }
+        runs = (("kind", "finetune"), ("outcome", "succeeded"), ("worker", "jobs"))
+        assert metrics[("bit_worker_jobs_total", runs)] == 1
+        for worker in ("jobs", "webhooks"):
+            assert metrics[("bit_worker_metrics_up", (("worker", worker),))] == 1
+        assert metrics[("bit_jobs", (("kind", "finetune"), ("status", "succeeded")))] == 1
     finally:
         os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
         try:
@@ -81,4 +120,6 @@ def test_bit_serve_answers_a_finetune_and_a_predict(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
             raise
+        finally:
+            receiving.close()
     assert serve.returncode in (0, -signal.SIGINT)

@@ -55,8 +55,10 @@ def alive(pid: int) -> bool:
     return found is not None and found[0] not in "ZX"
 
 
-def celery_children(parent: int) -> list[int]:
-    """Live Celery worker processes whose parent is `parent` (no psutil: /proc)."""
+def celery_children(parent: int, queue: bytes = b"finetune") -> list[int]:
+    """Live Celery worker processes whose parent is `parent` and which consume `queue` (no
+    psutil: /proc). `bit serve` also supervises a webhooks worker; the job worker is the one
+    these tests kill and watch."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -68,7 +70,7 @@ def celery_children(parent: int) -> list[int]:
             command = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"celery" in command:
+        if b"celery" in command and any(queue in part.split(b",") for part in command):
             found.append(int(entry.name))
     return found
 
@@ -312,12 +314,17 @@ def test_the_worker_dies_with_a_killed_bit_serve(make_serve):
     job_id = submit(client)
     worker = serve.worker_pid()
     mid_run(serve, client, job_id)
-
     assert serve.process is not None
+    webhooks_worker = wait_for(
+        lambda: celery_children(serve.process.pid, b"webhooks"), 60, "the webhooks worker"
+    )
+
     killed_at = time.monotonic()
     serve.process.kill()  # kill -9 of bit serve alone: no chance to stop anything
     serve.process.wait(timeout=30)
     wait_for(lambda: not alive(worker), STOP_BOUND_S + 20, "the orphaned worker to exit")
+    for pid in webhooks_worker:
+        wait_for(lambda p=pid: not alive(p), STOP_BOUND_S + 20, "the webhooks worker to exit")
     gone_s = time.monotonic() - killed_at
     job, events = db_job(serve.home, job_id)
     # It got SIGTERM (PR_SET_PDEATHSIG): a warm shutdown, so the job requeued itself.

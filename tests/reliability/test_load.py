@@ -120,6 +120,7 @@ def test_predict_and_upload_at_concurrency_64(tmp_path: Path, database: str):
         BIT_BROKER_URL=REDIS_URL,
         BIT_BROKER_KEY_PREFIX=f"bit-load-{uuid.uuid4().hex[:8]}:",
         BIT_RATE_LIMIT_PER_MINUTE="0",  # the limiter is tested elsewhere; here: raw capacity
+        BIT_QUOTA_PREDICTIONS_PER_MINUTE="0",  # and so is the tenant's predictions quota
     )
     live = LiveService(tmp_path, env).start()
     try:

@@ -1,6 +1,7 @@
 """Security over every route of the app (iterated from `app.routes`, so a new route cannot be
-forgotten): authentication, admin-only routes, tenant isolation, rate limits; keys never in
-logs; the dashboard's headers on every page; checkpoints never unpickled."""
+forgotten): authentication, every route's scope against every scope, admin-only routes,
+tenant isolation, rate limits; keys never in logs; the dashboard's headers on every page;
+checkpoints never unpickled."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from fastapi.testclient import TestClient
 from bit_core.checkpoint import WEIGHTS_FILE, load_model, load_training_state
 from bit_core.weights import infer_npz_architecture
 from service.app import create_app
+from service.auth import SCOPES, USER_SCOPES, create_key
+from service.dashboard.auth import api_session, page_session
 from service.db.models import Job, Model
 from service.db.session import session_scope
-from service.deps import admin_principal
+from service.deps import Scoped
 from service.settings import Settings
 from tests.dashboard.conftest import sign_in
 from tests.factories import png, save_tiny_model, two_classes
@@ -45,7 +48,34 @@ PUBLIC = {
     ("GET", "/admin/login"),
     ("POST", "/admin/login"),  # answers the form again unless the key is an admin's
 }
-ADMIN_ONLY = {("POST", "/v1/pretrain")}
+# The scope(s) each route needs: what a key must hold to call it. A route not listed here
+# follows the rule of `expected_scopes`.
+ROUTE_SCOPES = {
+    ("POST", "/v1/datasets"): {"datasets:write"},
+    ("POST", "/v1/datasets/{dataset_id}/images"): {"datasets:write"},
+    ("GET", "/v1/datasets"): {"datasets:read"},
+    ("GET", "/v1/datasets/{dataset_id}"): {"datasets:read"},
+    ("DELETE", "/v1/datasets/{dataset_id}"): {"datasets:write"},
+    ("POST", "/v1/finetune"): {"jobs:write"},
+    ("POST", "/v1/finetune/upload"): {"jobs:write", "datasets:write"},  # it makes a dataset
+    ("GET", "/v1/jobs"): {"jobs:read"},
+    ("GET", "/v1/jobs/{job_id}"): {"jobs:read"},
+    ("GET", "/v1/jobs/{job_id}/events"): {"jobs:read"},
+    ("POST", "/v1/jobs/{job_id}/cancel"): {"jobs:write"},
+    ("POST", "/v1/jobs/{job_id}/retry"): {"jobs:write"},
+    ("GET", "/v1/models"): {"models:read"},
+    ("GET", "/v1/models/{model_id}"): {"models:read"},
+    ("POST", "/v1/models/{model_id}/archive"): {"models:write"},
+    ("DELETE", "/v1/models/{model_id}"): {"models:write"},
+    ("GET", "/v1/base-models"): {"models:read"},
+    ("POST", "/v1/predict"): {"predict"},
+    ("GET", "/v1/quotas"): {"datasets:read"},  # a tenant's own limits and usage
+    ("POST", "/v1/pretrain"): {"admin"},
+    ("POST", "/v1/keys"): {"admin"},
+    ("GET", "/v1/keys"): {"admin"},
+    ("DELETE", "/v1/keys/{prefix}"): {"admin"},
+}
+RESOURCES = ("datasets", "jobs", "models")
 PARAM = re.compile(r"\{(\w+)\}")
 
 
@@ -82,16 +112,39 @@ def fill(path: str, ids: dict[str, int]) -> str:
     return PARAM.sub(lambda m: str(ids.get(m.group(1), 1)), path)
 
 
-def needs_admin(route: RouteContext) -> bool:
-    """Whether the route depends, at any depth, on `admin_principal`."""
+def dependency_calls(route: RouteContext) -> list[Any]:
+    """Everything the route depends on, at any depth."""
     root = getattr(route, "dependant", None)
-    stack = list(root.dependencies) if root is not None else []
+    stack, calls = list(root.dependencies) if root is not None else [], []
     while stack:
         dependant = stack.pop()
-        if dependant.call is admin_principal:
-            return True
+        calls.append(dependant.call)
         stack.extend(dependant.dependencies)
-    return False
+    return calls
+
+
+def route_scopes(route: RouteContext) -> set[str]:
+    """The scopes the route declares: those of the `Scoped` dependencies in its tree."""
+    return {call.scope for call in dependency_calls(route) if isinstance(call, Scoped)}
+
+
+def expected_scopes(method: str, path: str) -> set[str]:
+    """The scope(s) a route should need: ROUTE_SCOPES', or by rule for a route not listed
+    there: a resource's read scope to read it (GET), its write scope to change it; anything
+    else is an admin route."""
+    if (method, path) in ROUTE_SCOPES:
+        return ROUTE_SCOPES[method, path]
+    resource = path.split("/")[2]
+    if resource in RESOURCES:
+        return {f"{resource}:{'read' if method == 'GET' else 'write'}"}
+    return {"admin"}
+
+
+def scoped_key(settings: Settings, scopes: set[str], tenant: str = "acme") -> dict[str, str]:
+    """A key holding exactly `scopes` (an admin key where they include `admin`)."""
+    role = "admin" if "admin" in scopes else "user"
+    with session_scope(settings.database_url) as session:
+        return bearer(create_key(session, role=role, tenant=tenant, scopes=scopes))
 
 
 def error_code(response: Any) -> str | None:
@@ -136,12 +189,79 @@ def test_every_route_but_the_public_ones_needs_credentials(
     assert client.get("/v1/models", headers={"Authorization": "Basic Yjpj"}).status_code == 401
 
 
+def test_every_route_declares_the_scope_it_needs(app: FastAPI) -> None:
+    wrong, checked = [], 0
+    for method, path, route in endpoints(app):
+        if (method, path) in PUBLIC:
+            continue
+        checked += 1
+        if path.startswith("/admin"):
+            # The dashboard's routes take an admin session (an admin key's), not a key.
+            sessions = {page_session, api_session} & set(dependency_calls(route))
+            if not sessions or route_scopes(route):
+                wrong.append(f"{method} {path}: no admin session dependency")
+            continue
+        declared, expected = route_scopes(route), expected_scopes(method, path)
+        # A route not listed may be admin-only (never too open); a listed one is exact.
+        admin_only_new = (method, path) not in ROUTE_SCOPES and declared == {"admin"}
+        if declared != expected and not admin_only_new:
+            wrong.append(f"{method} {path}: declares {sorted(declared)}, needs {sorted(expected)}")
+    assert checked > 30
+    assert not wrong, "\n".join(wrong)
+    listed = {(m, p) for m, p, _ in endpoints(app)}
+    assert set(ROUTE_SCOPES) <= listed, set(ROUTE_SCOPES) - listed  # the table is not stale
+
+
+def test_every_route_against_every_scope(
+    app: FastAPI, client: TestClient, settings: Settings
+) -> None:
+    routes = [
+        (method, path, route_scopes(route))
+        for method, path, route in endpoints(app)
+        if path.startswith("/v1/") and (method, path) not in PUBLIC
+    ]
+    # One key per scope, holding only it; and one per route needing several, holding them all.
+    keys = {frozenset([scope]): scoped_key(settings, {scope}) for scope in SCOPES}
+    for _, _, needed in routes:
+        if frozenset(needed) not in keys:
+            keys[frozenset(needed)] = scoped_key(settings, needed)
+    documented = app.openapi()["paths"]
+    wrong, checked = [], 0
+    for method, path, needed in routes:
+        assert needed, f"{method} {path} declares no scope"
+        forbidden_doc = documented[path][method.lower()]["responses"].get("403", {})
+        forbidden_codes = set(
+            forbidden_doc.get("content", {}).get("application/json", {}).get("examples", {})
+        )
+        for held, headers in keys.items():
+            if len(held) > 1 and held != needed:
+                continue  # a multi-scope key is for its own route
+            checked += 1
+            response = client.request(method, fill(path, {}), headers=headers)
+            status, code = response.status_code, error_code(response)
+            what = f"{method} {path} with {sorted(held)}: {status} {response.text[:120]}"
+            if needed <= held:  # past the scope check: whatever the route answers, no 5xx
+                if status >= 500 or code in ("insufficient_scope", "admin_required"):
+                    wrong.append(what)
+                continue
+            expected = "admin_required" if "admin" in needed - held else "insufficient_scope"
+            if (status, code) != (403, expected):
+                wrong.append(what)
+            elif code == "insufficient_scope" and response.json()["error"]["scope"] not in needed:
+                wrong.append(f"{what} (names a scope the route does not need)")
+            if code not in forbidden_codes:
+                wrong.append(f"{method} {path}: 403 {code} is not in its documented responses")
+    figures.add("scope checks (route × scope)", checked)
+    assert checked >= len(routes) * len(SCOPES)
+    assert not wrong, "\n".join(sorted(set(wrong)))
+
+
 def test_admin_only_routes_refuse_user_keys(
     app: FastAPI, client: TestClient, settings: Settings
 ) -> None:
-    admin_only = {(m, p) for m, p, route in endpoints(app) if needs_admin(route)}
-    assert admin_only == ADMIN_ONLY  # a new admin route is a decision: list it here
-    user = bearer(new_key(settings, "user", "acme"))
+    admin_only = {(m, p) for m, p, route in endpoints(app) if "admin" in route_scopes(route)}
+    assert {(m, p) for (m, p), scopes in ROUTE_SCOPES.items() if "admin" in scopes} <= admin_only
+    user = scoped_key(settings, set(USER_SCOPES))  # every scope a user key may hold
     for method, path in sorted(admin_only):
         response = client.request(method, fill(path, {}), headers=user, json={})
         assert (response.status_code, error_code(response)) == (403, "admin_required"), path
@@ -166,9 +286,10 @@ def test_another_tenants_ids_answer_404_on_every_route(
     ids = {"dataset_id": dataset, "model_id": model, "job_id": job_id}
     kinds = {"dataset_id": "dataset", "model_id": "model", "job_id": "job"}
     wrong, checked = [], 0
-    for method, path, _ in endpoints(app):
+    for method, path, route in endpoints(app):
         params = PARAM.findall(path)
-        if not path.startswith("/v1/") or not params:
+        # Admin routes are no tenant's: a user key gets 403 there (test_admin_only_...).
+        if not path.startswith("/v1/") or not params or "admin" in route_scopes(route):
             continue
         checked += 1
         response = client.request(method, fill(path, ids), headers=stranger)

@@ -11,8 +11,10 @@ from service.db.session import session_scope
 from service.jobs.lifecycle import finish, renew_lease, take_lease
 from service.queueing import celery_client
 from service.settings import Settings
+from tests.worker.conftest import WEBHOOKS, delivery_ids
 from tests.worker.webhook_receiver import webhook_receiver
 from worker.reconciler import queue_depths, reconcile
+from worker.webhook import deliver
 
 
 def new_job(settings: Settings, **values: object) -> int:
@@ -85,28 +87,35 @@ def test_reconciler_requeues_dead_runs_and_resends_lost_messages(settings: Setti
 
 
 def test_jobs_the_reconciler_ends_post_their_webhook(settings: Settings):
+    settings = settings.model_copy(update=WEBHOOKS)
     past = utcnow() - dt.timedelta(seconds=5)
-    with webhook_receiver() as (url, received):
+    with webhook_receiver() as receiver:
         worn_out = new_job(
             settings,
             status="running",
             lease_owner="dead",
             lease_expires_at=past,
             attempts=settings.max_attempts,
-            callback_url=url,
+            callback_url=receiver.url,
         )
         dead_cancel = new_job(
             settings,
             status="cancelling",
             lease_owner="dead",
             lease_expires_at=past,
-            callback_url=url,
+            callback_url=receiver.url,
         )
         with session_scope(settings.database_url) as session:
             assert reconcile(session, settings) == []
-    outcomes = {d.payload["job_id"]: d.payload for d in received}
+        # Each ended job has one pending delivery, and its message is on the broker.
+        pending = delivery_ids(settings, worn_out) + delivery_ids(settings, dead_cancel)
+        assert len(pending) == 2
+        assert queue_depths(celery_client(settings))["webhooks"] == 2
+        for delivery_id in pending:
+            assert deliver(settings, delivery_id, "w1") == "delivered"
+    outcomes = {d.payload["job_id"]: d.payload for d in receiver.received}
     assert outcomes[worn_out]["status"] == "failed"
     assert outcomes[worn_out]["error_code"] == "too_many_attempts"
     assert outcomes[dead_cancel]["status"] == "cancelled"
     with session_scope(settings.database_url) as session:
-        assert session.get(Job, worn_out).callback_status == "204"  # type: ignore[union-attr]
+        assert session.get(Job, worn_out).callback_status == "delivered"  # type: ignore[union-attr]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import hmac
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,14 @@ from service.db.models import Image, Job, JobMetric, Model, utcnow
 from service.db.session import session_scope
 from service.jobs.service import create_finetune_job
 from service.settings import Settings
+from service.webhooks import verify
 from tests.e2e.live import png_bytes
 from tests.factories import CLASS_STYLES
 from tests.polling import wait_for
-from tests.worker.conftest import job_row
+from tests.worker.conftest import WEBHOOKS, delivery_ids, job_row
 from tests.worker.webhook_receiver import webhook_receiver
 from worker.runner import run_finetune_job
+from worker.webhook import deliver
 
 PLAN = {"batch_size": 8, "total_steps": 8, "base_lr": 0.01, "precrop": 40, "crop": 32}
 
@@ -113,16 +114,18 @@ def test_a_live_lease_makes_a_duplicate_delivery_skip(sqlite_settings: Settings)
 
 
 def test_the_result_is_posted_signed(sqlite_settings: Settings):
-    settings = sqlite_settings.model_copy(update={"webhook_secret": "s3cret"})
-    with webhook_receiver() as (url, received):
-        job_id = make_job(settings, callback_url=url)
+    settings = sqlite_settings.model_copy(update=WEBHOOKS)
+    with webhook_receiver() as receiver:
+        job_id = make_job(settings, callback_url=receiver.url)
         assert run_finetune_job(settings, job_id, "w1") == "succeeded"
-    delivery = received[0]
-    expected = "sha256=" + hmac.new(b"s3cret", delivery.body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(delivery.signature, expected)
-    payload = delivery.payload
+        (delivery_id,) = delivery_ids(settings, job_id)
+        assert deliver(settings, delivery_id, "w1") == "delivered"
+    (received,) = receiver.received
+    assert verify([WEBHOOKS["webhook_secret"]], received.signature, received.body)
+    payload = received.payload
     assert payload["job_id"] == job_id and payload["status"] == "succeeded" and payload["model_id"]
-    assert job_row(settings, job_id).callback_status == "204"
+    assert payload["type"] == "job.succeeded" and payload["id"] == received.event_id
+    assert job_row(settings, job_id).callback_status == "delivered"
 
 
 def test_the_precision_setting_reaches_the_training_run(

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.base_models import BaseModelRead, list_base_models
-from service.deps import AUTH_RESPONSES, CurrentUser, SettingsDep
+from service.deps import AUTH_RESPONSES, ModelReader, SettingsDep
 
 router = APIRouter(prefix="/v1", tags=["base models"], responses=AUTH_RESPONSES)
 
 
 @router.get("/base-models", response_model=list[BaseModelRead])
-def base_models(settings: SettingsDep, _: CurrentUser) -> list[BaseModelRead]:
+def base_models(settings: SettingsDep, _: ModelReader) -> list[BaseModelRead]:
     """Installed base models, official ones with the command to install them, and small
     architectures that train from scratch."""
     return list_base_models(settings)

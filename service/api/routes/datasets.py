@@ -12,7 +12,8 @@ from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead
 from service.datasets.uploads import UPLOAD_ERROR_CODES, archive_stem, parse_upload
 from service.deps import (
     AUTH_RESPONSES,
-    CurrentUser,
+    DatasetReader,
+    DatasetWriter,
     IdPath,
     OffsetQuery,
     SessionDep,
@@ -20,8 +21,9 @@ from service.deps import (
     StoreDep,
 )
 from service.errors import error_responses
+from service.quotas import STORAGE_QUOTA_ERRORS
 
-UPLOAD_ERRORS = error_responses(*UPLOAD_ERROR_CODES)
+UPLOAD_ERRORS = error_responses(*UPLOAD_ERROR_CODES, *STORAGE_QUOTA_ERRORS)
 NOT_FOUND = error_responses((404, "dataset_not_found", "dataset 7 does not exist"))
 
 router = APIRouter(
@@ -58,7 +60,7 @@ ArchiveForm = Annotated[
     responses=UPLOAD_ERRORS,
 )
 def create_dataset(
-    principal: CurrentUser,
+    principal: DatasetWriter,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -88,7 +90,7 @@ def create_dataset(
 )
 def append_images(
     dataset_id: IdPath,
-    principal: CurrentUser,
+    principal: DatasetWriter,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -105,7 +107,7 @@ def append_images(
 
 @router.get("", response_model=DatasetPage, summary="List datasets")
 def list_datasets(
-    principal: CurrentUser,
+    principal: DatasetReader,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: OffsetQuery = 0,
@@ -120,7 +122,7 @@ def list_datasets(
 @router.get(
     "/{dataset_id}", response_model=DatasetRead, summary="Read a dataset", responses=NOT_FOUND
 )
-def get_dataset(dataset_id: IdPath, principal: CurrentUser, session: SessionDep) -> DatasetRead:
+def get_dataset(dataset_id: IdPath, principal: DatasetReader, session: SessionDep) -> DatasetRead:
     """A dataset's class counts, image count, bytes stored and min/median/max image sizes."""
     dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
     return service.describe(session, dataset)
@@ -137,7 +139,7 @@ def get_dataset(dataset_id: IdPath, principal: CurrentUser, session: SessionDep)
     },
 )
 def delete_dataset(
-    dataset_id: IdPath, principal: CurrentUser, session: SessionDep, store: StoreDep
+    dataset_id: IdPath, principal: DatasetWriter, session: SessionDep, store: StoreDep
 ) -> Response:
     """Delete a dataset, its image rows and stored images; refused while a job uses it."""
     service.delete_dataset(session, store, dataset_id=dataset_id, principal=principal)

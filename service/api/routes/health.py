@@ -7,13 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from service.dashboard.queries import alive_workers
-from service.db.models import Job
 from service.deps import SessionDep, SettingsDep, StoreDep
-from service.metrics import JOBS_BY_STATUS, REGISTRY
+from service.gauges import scrape_registry
 from service.queueing import celery_client
 from service.settings import Settings
 
@@ -71,8 +70,8 @@ def _workers(session: Session, settings: Settings, database_ok: bool) -> tuple[s
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-def metrics(session: SessionDep) -> Response:
-    """Request counters and latencies, jobs by status."""
-    for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
-        JOBS_BY_STATUS.labels(status=status).set(count)
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+def metrics(session: SessionDep, settings: SettingsDep) -> Response:
+    """Request counters and latencies; jobs, workers and pending callbacks counted now."""
+    return Response(
+        generate_latest(scrape_registry(session, settings)), media_type=CONTENT_TYPE_LATEST
+    )

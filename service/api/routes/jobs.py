@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile, status
 from fastapi.responses import StreamingResponse
 from pydantic import HttpUrl, TypeAdapter, ValidationError
 
@@ -15,11 +15,14 @@ from service.datasets.service import create_dataset
 from service.datasets.uploads import UPLOAD_ERROR_CODES, parse_multipart_items
 from service.db.session import session_factory
 from service.deps import (
+    AUTH_ERRORS,
     AUTH_RESPONSES,
     BODY_ERRORS,
-    CurrentUser,
     IdPath,
+    JobReader,
+    JobWriter,
     OffsetQuery,
+    Scoped,
     SessionDep,
     SettingsDep,
     StoreDep,
@@ -36,6 +39,8 @@ from service.jobs.schemas import (
     JobRead,
     MetricPoint,
 )
+from service.quotas import JOB_QUOTA_ERRORS, STORAGE_QUOTA_ERRORS, check_new_job
+from service.webhooks.service import check_callback_url, delivery_reads
 
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=AUTH_RESPONSES)
 
@@ -45,6 +50,10 @@ PLAN_ERRORS = (
     (422, "base_model_not_installed", "BiT-M-R50x1 is not installed; run `bit weights ...`"),
     (422, "invalid_overrides", "unknown override(s) ['lr']; accepted: ..."),
     (422, "too_few_images", "fine-tuning needs at least 2 classes with 2+ images ..."),
+)
+CALLBACK_ERRORS = (
+    (422, "callback_url_refused", "callback_url refused: 10.0.0.5 is a private network; ..."),
+    (422, "webhooks_disabled", "webhooks are turned off on this server; leave callback_url ..."),
 )
 
 
@@ -57,11 +66,16 @@ def _read(job: object) -> JobRead:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
     responses=error_responses(
-        *BODY_ERRORS, (404, "dataset_not_found", "dataset 7 does not exist"), *PLAN_ERRORS
+        *BODY_ERRORS,
+        (404, "dataset_not_found", "dataset 7 does not exist"),
+        *PLAN_ERRORS,
+        *CALLBACK_ERRORS,
+        *AUTH_ERRORS,
+        *JOB_QUOTA_ERRORS,
     ),
 )
 def finetune(
-    body: FinetuneRequest, session: SessionDep, settings: SettingsDep, principal: CurrentUser
+    body: FinetuneRequest, session: SessionDep, settings: SettingsDep, principal: JobWriter
 ) -> JobRead:
     """Fine-tune a base model on a dataset; answers the queued job with its resolved plan."""
     job = service.create_finetune_job(
@@ -81,13 +95,22 @@ def finetune(
     "/finetune/upload",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobRead,
-    responses=error_responses(*UPLOAD_ERROR_CODES, *PLAN_ERRORS),
+    responses=error_responses(
+        *UPLOAD_ERROR_CODES,
+        *PLAN_ERRORS,
+        *CALLBACK_ERRORS,
+        *AUTH_ERRORS,
+        *JOB_QUOTA_ERRORS,
+        *STORAGE_QUOTA_ERRORS,
+    ),
+    # It creates a dataset as well as a job: the key needs both scopes.
+    dependencies=[Depends(Scoped("datasets:write"))],
 )
 def finetune_upload(
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-    principal: CurrentUser,
+    principal: JobWriter,
     files: Annotated[list[UploadFile], File(description="the labeled images")],
     labels: Annotated[list[str], Form(description="one label per file, in order")],
     base_model: Annotated[str | None, Form()] = None,
@@ -106,8 +129,12 @@ def finetune_upload(
         problem = exc.errors()[0]
         where = ".".join([field, *map(str, problem["loc"])])  # the form field, then within it
         raise ApiError(422, "invalid_request", f"{where}: {problem['msg']}", field=field) from exc
-    # Check the base before storing anything, so a bad request leaves nothing behind.
+    # Check the base and the callback before storing anything, so a bad request leaves
+    # nothing behind.
     service.resolve_base_model(settings, base_model or settings.default_base_model)
+    check_callback_url(settings, url)
+    # The job's quotas too (the dataset's are checked as it is created, before storing).
+    check_new_job(session, settings, tenant=principal.tenant, kind="finetune")
     items = parse_multipart_items(files, labels, settings)
     dataset = create_dataset(
         session, store, settings, tenant=principal.tenant, name=name, items=items
@@ -128,7 +155,7 @@ def finetune_upload(
 @router.get("/jobs", response_model=JobPage)
 def list_jobs(
     session: SessionDep,
-    principal: CurrentUser,
+    principal: JobReader,
     status_filter: Annotated[
         str | None,
         Query(alias="status", pattern="^(queued|running|cancelling|succeeded|failed|cancelled)$"),
@@ -145,12 +172,13 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobDetail, responses=error_responses(JOB_NOT_FOUND))
-def get_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> JobDetail:
-    """A job: status, progress, ETA, plan, metrics, error, curves and history."""
+def get_job(job_id: IdPath, session: SessionDep, principal: JobReader) -> JobDetail:
+    """A job: status, progress, ETA, plan, metrics, error, curves, history and webhooks."""
     job = service.get_job(session, principal=principal, job_id=job_id)
     detail = JobDetail.model_validate(job)
     detail.curves = [MetricPoint.model_validate(m) for m in service.job_curves(session, job.id)]
     detail.events = [EventRead.model_validate(e) for e in service.job_events(session, job.id)]
+    detail.webhooks = delivery_reads(session, job.id)
     return detail
 
 
@@ -161,9 +189,11 @@ def get_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> JobD
         JOB_NOT_FOUND, (409, "job_finished", "job 12 already ended (succeeded)")
     ),
 )
-def cancel_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> JobRead:
+def cancel_job(
+    job_id: IdPath, session: SessionDep, settings: SettingsDep, principal: JobWriter
+) -> JobRead:
     """Cancel: queued jobs stop at once, running ones between two training steps."""
-    return _read(service.cancel_job(session, principal=principal, job_id=job_id))
+    return _read(service.cancel_job(session, settings, principal=principal, job_id=job_id))
 
 
 @router.post(
@@ -172,10 +202,12 @@ def cancel_job(job_id: IdPath, session: SessionDep, principal: CurrentUser) -> J
     responses=error_responses(
         JOB_NOT_FOUND,
         (409, "job_not_retryable", "job 12 is running; only failed or cancelled jobs can ..."),
+        *AUTH_ERRORS,
+        *JOB_QUOTA_ERRORS,
     ),
 )
 def retry_job(
-    job_id: IdPath, session: SessionDep, settings: SettingsDep, principal: CurrentUser
+    job_id: IdPath, session: SessionDep, settings: SettingsDep, principal: JobWriter
 ) -> JobRead:
     """Re-run a failed or cancelled job (it resumes from its last checkpoint)."""
     return _read(service.retry_job(session, settings, principal=principal, job_id=job_id))
@@ -191,7 +223,7 @@ async def job_events(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    principal: CurrentUser,
+    principal: JobReader,
 ) -> StreamingResponse:
     """Server-Sent Events: a `progress` event whenever the job changes, `end` when it ends."""
     service.get_job(session, principal=principal, job_id=job_id)  # 404 before streaming

@@ -9,8 +9,10 @@ from fastapi import APIRouter, Query, Response
 from service.deps import (
     ADMIN_ERRORS,
     AUTH_RESPONSES,
-    CurrentUser,
+    SCOPE_ERRORS,
     IdPath,
+    ModelReader,
+    ModelWriter,
     OffsetQuery,
     SessionDep,
     StoreDep,
@@ -33,12 +35,14 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
     response_model=ModelPage,
     summary="List models",
     responses=error_responses(
-        *ADMIN_ERRORS, (422, "invalid_status", "status must be one of ready, archived")
+        *ADMIN_ERRORS,
+        *SCOPE_ERRORS,
+        (422, "invalid_status", "status must be one of ready, archived"),
     ),
 )
 def list_models(
     session: SessionDep,
-    principal: CurrentUser,
+    principal: ModelReader,
     status: Annotated[str | None, Query(description="ready | archived")] = None,
     tenant: Annotated[
         str | None,
@@ -63,7 +67,7 @@ def list_models(
 
 
 @router.get("/{model_id}", response_model=ModelRead, summary="Get a model", responses=NOT_FOUND)
-def get_model(model_id: IdPath, session: SessionDep, principal: CurrentUser) -> ModelRead:
+def get_model(model_id: IdPath, session: SessionDep, principal: ModelReader) -> ModelRead:
     """A model's classes, metrics, base model, training plan and job."""
     model = service.get_model(session, principal=principal, model_id=model_id)
     return ModelRead.model_validate(model)
@@ -75,7 +79,7 @@ def get_model(model_id: IdPath, session: SessionDep, principal: CurrentUser) -> 
 def archive_model(
     model_id: IdPath,
     session: SessionDep,
-    principal: CurrentUser,
+    principal: ModelWriter,
     lookups: LookupsDep,
     inference: InferenceDep,
 ) -> ModelRead:
@@ -92,7 +96,7 @@ def archive_model(
 def delete_model(
     model_id: IdPath,
     session: SessionDep,
-    principal: CurrentUser,
+    principal: ModelWriter,
     store: StoreDep,
     lookups: LookupsDep,
     inference: InferenceDep,

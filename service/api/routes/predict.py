@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from service.db.models import MAX_ID
-from service.deps import AUTH_RESPONSES, CurrentUser, SettingsDep
+from service.deps import AUTH_RESPONSES, Predictor, SettingsDep
 from service.errors import ApiError
 from service.inference.inference import InferenceDep
 from service.inference.timing import PredictTiming
@@ -26,6 +26,7 @@ from service.models.schemas import (
     PredictResponse,
     model_version,
 )
+from service.quotas.predictions import enforce_predictions
 from service.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["predict"], responses=AUTH_RESPONSES)
@@ -60,6 +61,7 @@ _OPENAPI_BODY = {
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "`invalid_multipart`: a multipart body that cannot be parsed"},
     404: {"description": "`model_not_found`"},
+    429: {"description": "`rate_limited` (the key's), `quota_predictions_exceeded` (the tenant's)"},
     409: {"description": "`model_archived`"},
     413: {"description": "`too_many_images`, `image_too_large`, `upload_too_large`"},
     415: {"description": "`unsupported_media_type`"},
@@ -157,7 +159,7 @@ def _decode_all(encoded: list[str], max_bytes: int) -> list[bytes]:
 async def predict(
     request: Request,
     response: Response,
-    principal: CurrentUser,
+    principal: Predictor,
     settings: SettingsDep,
     lookups: LookupsDep,
     inference: InferenceDep,
@@ -182,6 +184,7 @@ async def predict(
         )
 
     model = await lookups.model(principal, inputs.model_id)
+    await enforce_predictions(request, principal, len(inputs.names))  # the tenant's quota
     if inputs.encoded is not None:  # up to max_upload_bytes of base64: decode off the loop
         inputs.sources = await run_in_threadpool(
             _decode_all, inputs.encoded, settings.max_image_bytes
