@@ -101,7 +101,7 @@ class Image(Timestamped, Base):
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    split: Mapped[str] = mapped_column(String(8), default="train")  # train | val
+    split: Mapped[str] = mapped_column(String(8), default="train")  # train | val | test
     uri: Mapped[str] = mapped_column(String(512))
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
@@ -187,6 +187,10 @@ class Model(Timestamped, Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[str] = mapped_column(String(16), default=ModelStatus.READY)
+    # Predict leaves out classes whose probability is below this (None: keep every class).
+    threshold: Mapped[float | None] = mapped_column(Float)
+    # Temperature scaling fitted on held-out images: logits / temperature (None: 1).
+    temperature: Mapped[float | None] = mapped_column(Float)
 
 
 class BaseModelRecord(Timestamped, Base):
@@ -285,3 +289,17 @@ class TenantQuota(Base):
     active_jobs: Mapped[int | None] = mapped_column(Integer)
     predictions_per_minute: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class Evaluation(Timestamped, Base):
+    """A stored evaluation of a model on a dataset (or one split of it), run as a job of
+    kind `evaluate`; `results` is filled when that job succeeds."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    split: Mapped[str | None] = mapped_column(String(8))  # None: every image of the dataset
+    results: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
