@@ -54,6 +54,9 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
     format_version: int = FORMAT_VERSION
+    # Temperature scaling fitted on held-out images: probabilities are softmax(logits / T).
+    # None (and model.json files written before it existed): T = 1.
+    temperature: float | None = None
 
 
 def save_model(directory: str | os.PathLike[str], model: ResNetV2, info: ModelInfo) -> ModelInfo:

@@ -50,10 +50,28 @@ class _ProgressBar:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from bit_core.recipe import resolve_base, run_finetune
+    from bit_core.holdout import HOLDOUT_MIN_PER_CLASS, holdout_split
+    from bit_core.recipe import QualityOptions, resolve_base, run_finetune
 
     train = LabeledImages.from_folder(args.data)
     val = LabeledImages.from_folder(args.val, classes=train.classes) if args.val else None
+    if args.holdout is not None:
+        if val is not None:
+            raise ValueError("give --val DIR or --holdout FRACTION, not both")
+        split = holdout_split(train.labels, fraction=args.holdout, seed=args.seed)
+        if split is None and args.holdout > 0:
+            print(
+                f"note: no hold-out: a class has fewer than {HOLDOUT_MIN_PER_CLASS} images; "
+                "quality will be a cross-validated estimate",
+                file=sys.stderr,
+            )
+        elif split is not None:
+            train, val = train.subset(split[0]), train.subset(split[1])
+            print(f"note: {len(val)} images held out; they never train", file=sys.stderr)
+    if args.calibrate and val is None:
+        raise ValueError(
+            "--calibrate fits a temperature on held-out images: give --val or --holdout"
+        )
     base = resolve_base(args.base, args.weights_dir)
     if base.npz_path is None:
         print(
@@ -106,17 +124,42 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             out,
             config=config,
             val=val,
+            quality=QualityOptions(
+                eval_every=args.eval_every, calibrate=args.calibrate, seed=args.seed
+            ),
             checkpoint_path=out.with_name(out.name + ".ckpt.safetensors"),
             on_progress=bar,
         )
     finally:
         bar.close()
     assert info is not None
-    validation = info.metrics.get("validation")
-    if isinstance(validation, dict):
-        print(f"validation top-1 {validation['top1']:.3f} on {validation['count']} images")
+    print(quality_line(info.metrics.get("quality", {})))
     print(f"model saved to {out}")
     return 0
+
+
+def quality_line(quality: dict[str, Any]) -> str:
+    """One line saying how good the model is, and what that figure is measured on."""
+    kind = quality.get("kind")
+    if kind == "holdout":
+        line = (
+            f"quality: held-out top-1 {quality['top1']:.3f}, top-5 {quality['top5']:.3f} "
+            f"on {quality['count']} images that never trained"
+        )
+        calibration = quality.get("calibration")
+        if calibration:
+            line += (
+                f"; temperature {calibration['temperature']:.3f} "
+                f"(ECE {calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f})"
+            )
+        return line
+    if kind == "cross_validated":
+        return (
+            f"quality: top-1 {quality['top1']:.3f} ± {quality['top1_std']:.3f} "
+            f"({quality['method']}, {quality['folds']} folds, {quality['count']} images), "
+            f"{quality['label']}"
+        )
+    return f"quality: none — {quality.get('label', 'nothing held out')}"
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -264,7 +307,21 @@ def _add_finetune(sub: Any) -> None:
         default="full",
         help="full fine-tuning (BiT-HyperRule) or a fast linear head (default full)",
     )
-    p.add_argument("--val", help="validation ImageFolder with the same classes")
+    p.add_argument(
+        "--val", metavar="DIR", help="held-out ImageFolder with the same classes (never trains)"
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        metavar="FRACTION",
+        help="hold out this share of each class (0..0.5, seeded by --seed) when every class "
+        "has at least 8 images; otherwise quality is a cross-validated estimate",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit a temperature on the held-out images; predict applies it",
+    )
     p.add_argument("--out", default="bit-model", help="output model directory")
     p.add_argument("--batch-size", type=int, help="override the HyperRule batch (512)")
     p.add_argument("--lr", type=float, help="override the base learning rate")

@@ -92,6 +92,15 @@ class LabeledImages:
             pairs.extend((str(path), class_dir.name) for path in files)
         return cls.from_pairs(pairs, classes=classes)
 
+    def subset(self, indices: Sequence[int]) -> LabeledImages:
+        """The images at `indices`, in that order, with the same classes."""
+        return LabeledImages(
+            sources=tuple(self.sources[i] for i in indices),
+            labels=tuple(self.labels[i] for i in indices),
+            classes=self.classes,
+            names=tuple(self.names[i] for i in indices),
+        )
+
     def typical_hw(self, sample: int = 256) -> tuple[int, int]:
         """Median (height, width) over up to `sample` images, read from headers only."""
         step = max(1, len(self) // sample)

@@ -71,6 +71,42 @@ def metrics_from_logits(
 
 
 @torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    images: LabeledImages,
+    crop: int,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Logits (N, C) at the crop size: images resized to crop x crop, as BiT evaluates.
+
+    Args:
+        model: the classifier (left in eval mode).
+        images: the images, in order (their labels are not read).
+        crop: evaluation side (the plan's `crop`).
+        device: where the model is.
+        precision: autocast policy (see `bit_core.device.autocast_for`).
+
+    Returns:
+        float32 logits on the CPU, one row per image.
+    """
+    device = torch.device(device)
+    model.eval()
+    decoded = SquareImages(images, crop)
+    all_logits = []
+    for start in range(0, len(images), batch_size):
+        items = [decoded[i][0] for i in range(start, min(start + batch_size, len(images)))]
+        batch = augment.to_unit_range(torch.stack(items).to(device))
+        batch = to_device_layout(batch, device)
+        with autocast_for(device, precision):
+            all_logits.append(model(batch).float().cpu())
+    if not all_logits:
+        return torch.zeros(0, int(getattr(model, "num_classes", 0)))
+    return torch.cat(all_logits)
+
+
 def evaluate(
     model: torch.nn.Module,
     images: LabeledImages,
@@ -87,15 +123,8 @@ def evaluate(
         images: labeled images; their class order must be the model's.
         crop: evaluation side (the plan's `crop`).
     """
-    device = torch.device(device)
-    model.eval()
-    decoded = SquareImages(images, crop)
-    all_logits = []
-    for start in range(0, len(images), batch_size):
-        items = [decoded[i][0] for i in range(start, min(start + batch_size, len(images)))]
-        batch = augment.to_unit_range(torch.stack(items).to(device))
-        batch = to_device_layout(batch, device)
-        with autocast_for(device, precision):
-            all_logits.append(model(batch).float())
+    logits = predict_logits(
+        model, images, crop, device=device, precision=precision, batch_size=batch_size
+    )
     labels = torch.tensor(images.labels, dtype=torch.long)
-    return metrics_from_logits(torch.cat(all_logits), labels, list(images.classes))
+    return metrics_from_logits(logits, labels, list(images.classes))

@@ -41,11 +41,14 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Pre-logit features (N or 2N, F) and labels; `mirror` adds flipped copies.
 
-    Returns None if `should_stop` asked to stop.
+    Returns:
+        (features, labels): with `mirror`, rows 0..N-1 are the images in order and rows
+        N..2N-1 their mirrored copies, in the same order (so `features[:N]` is one row per
+        image, as cross-validation needs). None if `should_stop` asked to stop.
     """
     model.eval()
     decoded = SquareImages(images, crop)
-    features, labels = [], []
+    features, mirrored = [], []
     batches = range(0, len(images), batch_size)
     for done, start in enumerate(batches, 1):
         if should_stop is not None and should_stop():
@@ -54,13 +57,15 @@ def extract_features(
         batch = augment.to_unit_range(torch.stack([decoded[i][0] for i in range(start, end)]))
         batch = torch.cat([batch, batch.flip(-1)]) if mirror else batch
         with autocast_for(device, precision):
-            out = model.pre_logits(to_device_layout(batch.to(device), device))
-        features.append(out.float().cpu())
-        targets = torch.tensor(images.labels[start:end])
-        labels.append(torch.cat([targets, targets]) if mirror else targets)
+            out = model.pre_logits(to_device_layout(batch.to(device), device)).float().cpu()
+        features.append(out[: end - start])
+        mirrored.append(out[end - start :])
         if on_batch is not None:
             on_batch(done, len(batches))
-    return torch.cat(features), torch.cat(labels)
+    labels = torch.tensor(images.labels, dtype=torch.long)
+    if not mirror:
+        return torch.cat(features), labels
+    return torch.cat(features + mirrored), torch.cat([labels, labels])
 
 
 def fit_head(
@@ -99,10 +104,16 @@ def fit_linear(
     l2: float = DEFAULT_L2,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: StopCheck | None = None,
+    on_features: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> TrainResult:
     """Fit `model`'s head on frozen features of `train`; the backbone is unchanged.
 
     Progress counts feature batches, then one step for the fit.
+
+    Args:
+        on_features: called with (features, labels) as `extract_features` returns them
+            (images, then their mirrored copies), so that a caller can reuse them, e.g.
+            to cross-validate, without extracting them again.
     """
     config = config or RunConfig()
     device = resolve_device(config.device)
@@ -128,6 +139,8 @@ def fit_linear(
     )
     if extracted is None:
         return TrainResult(model, 0, 0, cancelled=True, micro_batch_size=0)
+    if on_features is not None:
+        on_features(*extracted)
     weight, bias, loss = fit_head(*extracted, len(train.classes), l2=l2)
     with torch.no_grad():
         model.head.conv.weight.copy_(weight[:, :, None, None].to(device))

@@ -38,7 +38,10 @@ class Predictor:
         device: str = "auto",
         precision: str = "auto",
         info: ModelInfo | None = None,
+        temperature: float | None = None,
     ) -> None:
+        """`temperature` (default: the model's, `info.temperature`) divides the logits
+        before the softmax; None means 1."""
         if len(classes) != model.num_classes:
             raise ValueError(f"{len(classes)} class names for a {model.num_classes}-class model")
         self.device = resolve_device(device)
@@ -46,6 +49,13 @@ class Predictor:
         self.classes = list(classes)
         self.crop = crop
         self.info = info
+        self.temperature = (
+            temperature
+            if temperature is not None
+            else (info.temperature if info is not None else None)
+        )
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
         self.model = model.prepare_for_inference().to(self.device)
         if use_channels_last(self.device, crop):
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -77,11 +87,13 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (N, C) for a preprocessed batch."""
+        """Class probabilities (N, C) for a preprocessed batch: softmax(logits / T)."""
         batch = to_device_layout(batch.to(self.device, non_blocking=True), self.device)
         with autocast_for(self.device, self.precision):
-            logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=-1).cpu()
+            logits = self.model(batch).float()
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1).cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[Prediction]]:
         """The k most likely classes per row, most likely first."""

@@ -5,16 +5,22 @@ The CLI and the service's worker both call `run_finetune`; neither re-implements
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from bit_core import quality as quality_metrics
 from bit_core.checkpoint import ModelInfo, save_model
 from bit_core.data import LabeledImages
 from bit_core.device import resolve_device
-from bit_core.evaluate import evaluate
+from bit_core.evaluate import metrics_from_logits, predict_logits
+from bit_core.holdout import CV_LABEL, cross_validate_linear
 from bit_core.hyperrule import Plan
-from bit_core.linear import fit_linear
+from bit_core.linear import extract_features, fit_linear
 from bit_core.npz import load_bit_npz
 from bit_core.registry import ARCHITECTURES, OFFICIAL_MODELS, create_model
 from bit_core.resnetv2 import ResNetV2
@@ -24,6 +30,7 @@ from bit_core.train import (
     RunConfig,
     StopCheck,
     TrainResult,
+    ValidationHook,
     finetune,
 )
 from bit_core.weights import default_weights_dir, find, infer_npz_architecture
@@ -71,12 +78,102 @@ def resolve_base(name: str, weights_dir: str | os.PathLike[str] | None = None) -
     )
 
 
+@dataclass(frozen=True)
+class QualityOptions:
+    """How a run measures the quality of what it trained (never on its training images).
+
+    Attributes:
+        eval_every: validate on `val` every this many steps of a full run (0: at the end);
+            fills `TrainResult.evaluations`, the validation curve.
+        calibrate: fit a temperature on `val` (temperature scaling); saved in the model.
+        cv: without `val`, cross-validate a linear head on frozen features of the base.
+        seed: fixes the cross-validation folds.
+    """
+
+    eval_every: int = 0
+    calibrate: bool = False
+    cv: bool = True
+    seed: int = 0
+
+
+NO_QUALITY_LABEL = "no held-out images and too few to cross-validate"
+
+
 def build_model(base: BaseModel, num_classes: int) -> ResNetV2:
     """The base's architecture with its pre-trained weights and a fresh zero head."""
     model = create_model(base.arch, num_classes)
     if base.npz_path is not None:
         load_bit_npz(model, base.npz_path, load_head=False)
     return model
+
+
+def _holdout_quality(
+    model: ResNetV2,
+    val: LabeledImages,
+    plan: Plan,
+    config: RunConfig,
+    options: QualityOptions,
+) -> tuple[dict[str, Any], dict[str, Any], float | None]:
+    """(quality, the validation summary, temperature) measured on the held-out `val`."""
+    device = resolve_device(config.device)
+    logits = predict_logits(model, val, plan.crop, device=device, precision=config.precision)
+    labels = torch.tensor(val.labels, dtype=torch.long)
+    summary = metrics_from_logits(logits, labels, list(val.classes)).summary()
+    temperature = None
+    if options.calibrate:
+        temperature = quality_metrics.fit_temperature(logits, labels)
+    scaled = logits / (temperature or 1.0)
+    # The report is on the probabilities predict will serve (calibrated, if calibrated),
+    # so that its PR curves and suggested thresholds apply to predict's answers.
+    report = quality_metrics.classification_report(
+        torch.softmax(scaled, dim=-1), labels, list(val.classes)
+    )
+    quality: dict[str, Any] = {
+        "kind": "holdout",
+        "top1": report["top1"],
+        "top5": report["top5"],
+        "count": report["count"],
+        "label": f"measured on {report['count']} held-out images that never trained",
+        "report": report,
+    }
+    if temperature is not None:
+        before = quality_metrics.calibration(torch.softmax(logits, dim=-1), labels)
+        quality["calibration"] = {
+            "temperature": temperature,
+            "ece_before": before["ece"],
+            "ece_after": report["calibration"]["ece"],
+            # Fitted and measured on the same images: ECE after is optimistic.
+            "fitted_on": "the held-out images",
+        }
+    return quality, summary, temperature
+
+
+def _cross_validated_quality(
+    features: tuple[torch.Tensor, torch.Tensor],
+    classes: list[str],
+    options: QualityOptions,
+    *,
+    mode: str,
+) -> dict[str, Any]:
+    """The cross-validated estimate on (images then mirrors) features, or kind "none"."""
+    rows, labels = features
+    count = labels.numel() // 2  # extract_features: the images, then their mirrored copies
+    estimate = cross_validate_linear(
+        rows[:count],
+        labels[:count],
+        len(classes),
+        seed=options.seed,
+        mirrors=rows[count:],
+        classes=classes,
+    )
+    if estimate is None:
+        return {"kind": "none", "label": NO_QUALITY_LABEL}
+    if mode == "full":
+        estimate["label"] = (
+            f"{CV_LABEL} of the base model: an estimate of a linear head's quality, "
+            "not of this fully fine-tuned model"
+        )
+    return estimate
 
 
 def run_finetune(
@@ -87,22 +184,50 @@ def run_finetune(
     *,
     config: RunConfig | None = None,
     val: LabeledImages | None = None,
+    quality: QualityOptions | None = None,
     checkpoint_path: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    on_validation: ValidationHook | None = None,
 ) -> tuple[TrainResult, ModelInfo | None]:
-    """Train per `plan.mode` and save the model to `out_dir`.
+    """Train per `plan.mode`, measure its quality on images that did not train, save it.
+
+    Args:
+        train: the training images; nothing else trains.
+        val: held-out images (same classes): validated on during a full run (every
+            `quality.eval_every` steps) and at the end; the model's quality is measured
+            on them, and a temperature fitted on them when `quality.calibrate`.
+        quality: how to measure quality (default `QualityOptions()`).
+        on_validation: called with (steps done, metrics) after each periodic validation.
 
     Returns:
         (the training result, the saved model's info) — info is None when the run was
         cancelled or stopped early (`config.stop_after`), and nothing is saved then.
+        `info.metrics["quality"]` is kind "holdout" (with `val`), "cross_validated" (a
+        k-fold or leave-one-out estimate on frozen features of the training images) or
+        "none"; `info.metrics["train_loss"]` is a training figure, not quality.
     """
     config = config or RunConfig()
+    options = quality or QualityOptions()
+    if options.eval_every:
+        config = dataclasses.replace(config, eval_every=options.eval_every)
     model = build_model(base, len(train.classes))
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def keep_features(rows: torch.Tensor, labels: torch.Tensor) -> None:
+        nonlocal features
+        features = (rows, labels)
+
     if plan.mode == "linear":
         result = fit_linear(
-            model, train, plan.crop, config, on_progress=on_progress, should_stop=should_stop
+            model,
+            train,
+            plan.crop,
+            config,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            on_features=keep_features if val is None and options.cv else None,
         )
     else:
         result = finetune(
@@ -115,16 +240,49 @@ def run_finetune(
             on_progress=on_progress,
             should_stop=should_stop,
             on_checkpoint=on_checkpoint,
+            on_validation=on_validation,
         )
     finished = plan.mode == "linear" or result.steps_done >= plan.total_steps
     if result.cancelled or not finished:
         return result, None
     metrics: dict[str, object] = {"train_loss": result.history[-1]["loss"]}
-    if result.evaluations:
-        metrics["validation"] = result.evaluations[-1]
-    elif val is not None:
-        device = resolve_device(config.device)
-        metrics["validation"] = evaluate(model, val, plan.crop, device=device).summary()
+    temperature = None
+    if val is not None:
+        metrics["quality"], summary, temperature = _holdout_quality(
+            result.model,  # type: ignore[arg-type]
+            val,
+            plan,
+            config,
+            options,
+        )
+        metrics["validation"] = result.evaluations[-1] if result.evaluations else summary
+    elif options.cv:
+        if features is None:  # full mode: the base's features, extracted once, now
+            device = resolve_device(config.device)
+            # A base without weights is re-drawn from a seeded generator, not the global one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                probe = build_model(base, len(train.classes)).to(device)
+            features = extract_features(
+                probe,
+                train,
+                plan.crop,
+                device=device,
+                precision=config.precision,
+                should_stop=should_stop,
+            )
+            del probe
+            if features is None:
+                result.cancelled = True
+                return result, None
+        metrics["quality"] = _cross_validated_quality(
+            features, list(train.classes), options, mode=plan.mode
+        )
+    else:
+        metrics["quality"] = {
+            "kind": "none",
+            "label": "no held-out images, and cross-validation was turned off",
+        }
     info = ModelInfo(
         arch=base.arch,
         classes=list(train.classes),
@@ -132,5 +290,6 @@ def run_finetune(
         plan=plan.to_dict(),
         metrics=metrics,
         base_model=base.name,
+        temperature=temperature,
     )
     return result, save_model(out_dir, result.model.cpu(), info)  # type: ignore[arg-type]

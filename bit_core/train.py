@@ -84,6 +84,7 @@ class TrainResult:
 ProgressCallback = Callable[[Progress], None]
 StopCheck = Callable[[], bool]
 EvalHook = Callable[[int], dict[str, Any] | None]
+ValidationHook = Callable[[int, dict[str, Any]], None]
 CheckpointHook = Callable[[Path], None]
 
 
@@ -282,6 +283,7 @@ def finetune(
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
     on_checkpoint: CheckpointHook | None = None,
+    on_validation: ValidationHook | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on `train` with a BiT-HyperRule plan (full mode).
 
@@ -295,6 +297,8 @@ def finetune(
         checkpoint_path: resumable state; an existing file resumes the run.
         on_progress / should_stop: progress callback and cooperative cancel check.
         on_checkpoint: called with the checkpoint's path after each write.
+        on_validation: called with (steps done, metrics) after each validation on `val`,
+            as it happens (e.g. to draw the validation curve while the run goes on).
 
     Returns:
         The TrainResult; `result.model` holds the trained weights.
@@ -322,12 +326,15 @@ def finetune(
                 targets = lam * targets + (1.0 - lam) * targets[partner]
             yield step, images, targets
 
-    def on_eval(_: int) -> dict[str, Any] | None:
+    def on_eval(steps_done: int) -> dict[str, Any] | None:
         if val is None:
             return None
         report = evaluate(model, val, plan.crop, device=device, precision=config.precision)
         model.train()
-        return report.summary()
+        summary = report.summary()
+        if on_validation is not None:
+            on_validation(steps_done, summary)
+        return summary
 
     return train_loop(
         model,

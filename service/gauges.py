@@ -22,7 +22,7 @@ from service.dashboard.queries import alive_workers
 from service.db.models import Job, WebhookDelivery
 from service.jobs.status import JobStatus
 from service.metrics import REGISTRY
-from service.settings import QUEUES, Settings
+from service.settings import JOB_KINDS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class DatabaseGauges:
         up.add_metric([], 1)
         yield up
 
-        counts = {(status.value, kind): 0 for status in JobStatus for kind in QUEUES}
+        counts = {(status.value, kind): 0 for status in JobStatus for kind in JOB_KINDS}
         counts.update({(status, kind): count for status, kind, count in jobs})
         by_status = GaugeMetricFamily(
             "bit_jobs", "Jobs by status and kind, counted at this scrape", labels=["status", "kind"]

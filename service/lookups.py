@@ -6,8 +6,9 @@ the service's own overhead on a CPU predict (BENCHMARKS.md), more against Postgr
 network. So an API process keeps each answer for `lookup_cache_s` seconds (1 by default).
 
 What that costs, and only that: a key revoked, or a model archived or deleted, by another
-process is still accepted here for at most `lookup_cache_s`. In this process the routes
-that archive or delete a model, or revoke a key, forget it at once. Only answers that let a
+process is still accepted here for at most `lookup_cache_s`, and a model's threshold changed
+there is applied here that much later. In this process the routes that archive, delete or
+change a model, or revoke a key, forget it at once. Only answers that let a
 request through are kept: a new key or model works at once, an unknown or revoked key is
 asked about every time, and every error a caller sees is decided by the database, as
 without the cache (an expired key's principal is kept: the API refuses it on every request
@@ -89,7 +90,8 @@ class TtlCache(Generic[K, V]):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What a predict needs of a ready model's row: plain values, not an ORM object."""
+    """What a predict needs of a ready model's row: plain values, not an ORM object (the
+    ref carries the model's threshold and temperature, so predict reads no other row)."""
 
     ref: ModelRef
     tenant: str
@@ -126,7 +128,7 @@ class Lookups:
         return model
 
     def forget_model(self, model_id: int) -> None:
-        """Archived or deleted here: refuse it from the next request on."""
+        """Archived, deleted or changed here: read it afresh from the next request on."""
         self.models.forget(model_id)
 
     def forget_key(self, prefix: str) -> None:

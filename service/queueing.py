@@ -10,9 +10,9 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from service.settings import QUEUES, WEBHOOK_QUEUE, Settings
+from service.settings import QUEUE_FOR_KIND, QUEUES, WEBHOOK_QUEUE, Settings
 
-TASK_FOR_KIND = {"finetune": "bit.finetune", "pretrain": "bit.pretrain"}
+TASK_FOR_KIND = {"finetune": "bit.finetune", "pretrain": "bit.pretrain", "evaluate": "bit.evaluate"}
 WEBHOOK_TASK = "bit.webhook"
 
 
@@ -46,7 +46,7 @@ def make_celery(settings: Settings) -> Celery:
         task_create_missing_queues=False,  # explicit queues; an unknown one is refused
         task_default_queue="finetune",
         task_routes={
-            **{task: {"queue": kind} for kind, task in TASK_FOR_KIND.items()},
+            **{task: {"queue": QUEUE_FOR_KIND[kind]} for kind, task in TASK_FOR_KIND.items()},
             WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
         },
         task_acks_late=True,
@@ -73,10 +73,12 @@ def celery_client(settings: Settings) -> Celery:
 
 
 def enqueue_job(settings: Settings, job_id: int, kind: str) -> None:
-    """Send 'run job N' to the job kind's queue."""
+    """Send 'run job N' to the job kind's queue (QUEUE_FOR_KIND)."""
     if kind not in TASK_FOR_KIND:
         raise ValueError(f"unknown job kind '{kind}'; expected one of {sorted(TASK_FOR_KIND)}")
-    celery_client(settings).send_task(TASK_FOR_KIND[kind], args=[job_id], queue=kind)
+    celery_client(settings).send_task(
+        TASK_FOR_KIND[kind], args=[job_id], queue=QUEUE_FOR_KIND[kind]
+    )
 
 
 def enqueue_webhook(settings: Settings, delivery_id: int, *, countdown: float = 0.0) -> None:

@@ -14,9 +14,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Job queues are named after job kinds; webhook deliveries have their own queue (and worker),
-# so a callback never waits behind minutes of training.
+# Job queues are named after the job kinds that need their own workers; webhook deliveries
+# have their own queue (and worker), so a callback never waits behind minutes of training.
 JOB_QUEUES = ("finetune", "pretrain")
+# The queue of each job kind. An evaluation is a forward pass over a dataset with a trained
+# model: the fine-tuning workers have the device and the weights for it.
+QUEUE_FOR_KIND = {"finetune": "finetune", "pretrain": "pretrain", "evaluate": "finetune"}
+JOB_KINDS = tuple(QUEUE_FOR_KIND)
 WEBHOOK_QUEUE = "webhooks"
 QUEUES = (*JOB_QUEUES, WEBHOOK_QUEUE)
 

@@ -12,9 +12,10 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -167,6 +168,36 @@ class ProgressWriter:
         if cancel:  # react within a step or two, not a heartbeat later
             self.state.cancelled = True
             self.state.stop.set()
+
+    def validation(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """One validation, as it happens: a point of the validation curve."""
+        self.validations([{**metrics, "step": step}])
+
+    def validations(self, evaluations: Sequence[Mapping[str, Any]]) -> None:
+        """Each validation's top-1 as a point of the job's validation curve (`val_top1`),
+        once per step: a resumed run reports the validations before its crash again."""
+        written = set(
+            self.session.scalars(
+                select(JobMetric.step).where(
+                    JobMetric.job_id == self.job.id, JobMetric.val_top1.is_not(None)
+                )
+            )
+        )
+        points = [
+            JobMetric(job_id=self.job.id, step=int(e["step"]), val_top1=float(e["top1"]))
+            for e in evaluations
+            if e.get("top1") is not None and int(e["step"]) not in written
+        ]
+        if not points:
+            return
+        try:
+            self.session.add_all(points)
+            self.session.commit()
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            self.session.rollback()  # best effort, as progress is
+            log.warning("validation of job %s not recorded: database unreachable", self.job.id)
 
 
 Execute = Callable[[Session, Settings, ArtifactStore, Job, str, RunState, Path], str]

@@ -31,7 +31,7 @@ from service.db.session import session_factory
 from service.jobs.lifecycle import JobStatus, add_event, finish, reclaim_dead_run, requeue
 from service.jobs.service import send
 from service.queueing import celery_client
-from service.settings import JOB_QUEUES, WEBHOOK_QUEUE, Settings
+from service.settings import JOB_QUEUES, QUEUE_FOR_KIND, WEBHOOK_QUEUE, Settings
 from service.webhooks.outbox import due_deliveries, enqueue, send_pending
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,9 @@ def reconcile(session: Session, settings: Settings) -> list[int]:
         send(session, settings, job)
         resent.append(job.id)
 
-    for kind in JOB_QUEUES:
-        jobs = [job for job in waiting if job.kind == kind]
-        if jobs and depths.get(kind, 0) < len(jobs):
+    for queue in JOB_QUEUES:  # one queue may carry several kinds (evaluations: finetune)
+        jobs = [job for job in waiting if QUEUE_FOR_KIND.get(job.kind) == queue]
+        if jobs and depths.get(queue, 0) < len(jobs):
             for job in jobs:
                 add_event(session, job, "resent", detail="message missing from the broker")
                 send(session, settings, job)

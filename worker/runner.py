@@ -1,5 +1,9 @@
 """Runs one fine-tuning job by id: train (resuming from its checkpoint), register the
 model. The claim, heartbeat and failure handling around it are worker.job_run's.
+
+The images come from the job's params, not from the dataset's state now: the `train` split
+less the held-out ids the job recorded at creation, validated on those ids, so a resumed
+run sees the same split and a held-out image never trains.
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from bit_core.checkpoint import WEIGHTS_FILE, sha256_file
+from bit_core.data import LabeledImages
 from bit_core.hyperrule import Plan
-from bit_core.recipe import resolve_base, run_finetune
+from bit_core.recipe import QualityOptions, resolve_base, run_finetune
 from bit_core.train import RunConfig
 from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
@@ -49,6 +54,19 @@ def run_finetune_job(settings: Settings, job_id: int, owner: str) -> str:
     )
 
 
+def job_images(
+    session: Session, store: ArtifactStore, job: Job
+) -> tuple[LabeledImages, LabeledImages | None]:
+    """(train, held-out) images of a fine-tuning job, as its params fixed them at creation."""
+    assert job.dataset_id is not None, "fine-tuning jobs always have a dataset"
+    held_out = job.params.get("holdout", {}).get("val_image_ids", [])
+    train = labeled_images(session, store, job.dataset_id, split="train", exclude_ids=held_out)
+    if not held_out:
+        return train, None
+    val = labeled_images(session, store, job.dataset_id, image_ids=held_out, classes=train.classes)
+    return train, val
+
+
 def _train_and_register(
     session: Session,
     settings: Settings,
@@ -59,12 +77,12 @@ def _train_and_register(
     checkpoint: Path,
 ) -> str:
     plan = Plan.from_dict(job.params)
-    assert job.dataset_id is not None, "fine-tuning jobs always have a dataset"
-    train = labeled_images(session, store, job.dataset_id)
+    train, val = job_images(session, store, job)
     if list(train.classes) != job.params.get("classes", list(train.classes)):
         raise ValueError(
             f"the dataset's classes changed since job {job.id} was created; create a new job"
         )
+    progress = ProgressWriter(session, settings, job, owner, state)
     base = resolve_base(job.base_model, settings.weights_dir)
     model_key = f"jobs/{job.id}/model"
     model_dir = store.local_dir(model_key)
@@ -79,13 +97,23 @@ def _train_and_register(
             precision=settings.precision,
             checkpoint_every=settings.checkpoint_every,
         ),
+        val=val,
+        quality=QualityOptions(
+            eval_every=int(job.params.get("eval_every", 0)),
+            calibrate=bool(job.params.get("calibrate", False)),
+            seed=job.id,
+        ),
         checkpoint_path=checkpoint,
-        on_progress=StepTimer(job.kind).wrap(ProgressWriter(session, settings, job, owner, state)),
+        on_progress=StepTimer(job.kind).wrap(progress),
         should_stop=state.should_stop,
         on_checkpoint=lambda path: store.put_file(checkpoint_key(job), path),
+        on_validation=progress.validation,
     )
     if state.lease_lost:
         return "lease_lost"  # another run owns the job now; leave everything to it
+    # Validations written as they happened are skipped; any missed (the database was
+    # unreachable) or run before a crash (the checkpoint keeps them) are written now.
+    progress.validations(result.evaluations)
     if info is None and not state.cancelled and shutdown_requested():
         return stopped_for_shutdown(session, settings, job, owner)
     if info is None:

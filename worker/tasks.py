@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from service.settings import get_settings
 from worker.celery_app import app, set_current_job, worker_name
+from worker.evaluation import run_evaluation_job
 from worker.pretrain import run_pretrain_job
 from worker.runner import run_finetune_job
 from worker.webhook import deliver
@@ -25,6 +26,16 @@ def pretrain(job_id: int) -> str:
     set_current_job(job_id)
     try:
         return run_pretrain_job(get_settings(), job_id, worker_name())
+    finally:
+        set_current_job(None)
+
+
+@app.task(name="bit.evaluate")
+def evaluate(job_id: int) -> str:
+    """Run evaluation job `job_id`: the model's report on the images it pinned."""
+    set_current_job(job_id)
+    try:
+        return run_evaluation_job(get_settings(), job_id, worker_name())
     finally:
         set_current_job(None)
 

@@ -7,10 +7,6 @@ into a redirect to the login page.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
@@ -26,7 +22,8 @@ from service.errors import error_body
 __all__ = ["SECURITY_HEADERS", "install", "router"]
 
 # No inline script or style anywhere (heat-map colours are SVG attributes), so the policy
-# can be strict; data: images are only the try-it preview, a JPEG we encoded.
+# can be strict (data for scripts rides in data- attributes and JSON blocks, which
+# are not run); data: images are only the try-it preview, a JPEG we encoded.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -94,17 +91,3 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PageNotFound)
     async def _not_found(request: Request, exc: PageNotFound) -> Response:
         return _error_page(request, 404, "Not found", str(exc))
-
-    inner = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: Any) -> AsyncIterator[Any]:
-        async with inner(app_) as state:
-            try:
-                yield state
-            finally:
-                evaluations = getattr(app.state, "dashboard_evaluations", None)
-                if evaluations is not None:
-                    evaluations.close()
-
-    app.router.lifespan_context = lifespan

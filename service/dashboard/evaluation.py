@@ -1,189 +1,171 @@
-"""What a model page shows as its evaluation: the validation set, or else its training images.
+"""What a model page shows about quality: measured on images that did not train, only.
 
-Jobs fine-tuned on a dataset without a validation split carry no confusion matrix. The
-page then evaluates the model on (up to MAX_IMAGES of) the images it was trained on, once,
-in the background with the inference cache's predictor, and says so: training-set numbers
-flatter a model. Results are kept in memory and under $BIT_HOME/cache, keyed by the
-model's weights hash, so a restart does not recompute them.
+A model's own measurement is `metrics["quality"]`: on held-out images, or a
+cross-validated estimate on frozen features, or nothing (said plainly). Stored
+evaluations (rows of `evaluations`, run as jobs) carry a full classification report: per
+class precision, recall, F1, AP and PR curve, the confusion matrix and the calibration.
+Numbers measured on a model's own training images are never shown as its quality.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-from sqlalchemy import select
+from service.dashboard.curves import PR_BOX, pr_points, reliability_bars, value_at
+from service.dashboard.heatmap import heatmap, top_confusions
+from service.db.models import Model
 
-from bit_core.evaluate import metrics_from_logits
-from bit_core.images import ImageDecodeError, ImageSource
-from bit_core.predict import Predictor
-from service.db.artifacts import ArtifactStore
-from service.db.models import Image, Job, Model
-from service.db.session import session_factory
-from service.inference.cache import ModelRef
-from service.inference.threads import run_in_fresh_thread
-from service.settings import Settings
-
-log = logging.getLogger(__name__)
-
-MAX_IMAGES = 500  # bounds the work one page view can start
-KEPT_IN_MEMORY = 64  # reports; a 1000-class confusion matrix is a million numbers
-BATCH = 32
-
-
-def validation_report(model: Model) -> dict[str, Any] | None:
-    """The worker's validation metrics, when the job had a validation set."""
-    report = (model.metrics or {}).get("validation")
-    if isinstance(report, dict) and report.get("confusion") is not None:
-        return report
-    return None
+NONE_LABEL = "no held-out images and too few to cross-validate"
+# PR points embedded in one page, all classes together: a 1000-class model's curves are
+# thinned so that the page stays small (each curve keeps at least MIN_CURVE_POINTS).
+CURVE_BUDGET = 40_000
+MIN_CURVE_POINTS = 20
+DEFAULT_SLIDER = 0.5  # where the threshold slider starts when the model has no threshold
+# The "Run evaluation" form's choices: (split value, label); "" is the whole dataset.
+EVALUATION_SPLITS = (
+    ("test", "test split"),
+    ("val", "val split"),
+    ("", "all its images"),
+    ("train", "train split"),
+)
 
 
-ImageRow = tuple[str, str, str]  # label, uri, sha256
+def model_quality(model: Model) -> dict[str, Any]:
+    """The model's quality as stored by its job: kind holdout, cross_validated or none.
 
-
-def _round_robin(rows: list[ImageRow], limit: int) -> list[ImageRow]:
-    """At most `limit` images, taking classes in turn, so every class is seen."""
-    by_class: dict[str, list[ImageRow]] = {}
-    for row in rows:
-        by_class.setdefault(row[0], []).append(row)
-    chosen: list[ImageRow] = []
-    queues = [iter(items) for _, items in sorted(by_class.items())]
-    while queues and len(chosen) < limit:
-        alive = []
-        for queue in queues:
-            item = next(queue, None)
-            if item is not None and len(chosen) < limit:
-                chosen.append(item)
-                alive.append(queue)
-        queues = alive
-    return chosen
-
-
-def evaluate_on_training_images(
-    settings: Settings,
-    store: ArtifactStore,
-    predictor: Predictor,
-    model_id: int,
-) -> dict[str, Any]:
-    """The model's metrics on up to MAX_IMAGES of its training images (labels it knows)."""
-    with session_factory(settings.database_url)() as session:
-        model = session.get(Model, model_id)
-        job = session.get(Job, model.job_id) if model and model.job_id else None
-        if model is None or job is None or job.dataset_id is None:
-            return {"unavailable": "the training images of this model are no longer stored"}
-        classes = [str(c) for c in model.classes]
-        rows = [
-            (label, uri, sha256)
-            for label, uri, sha256 in session.execute(
-                select(Image.label, Image.uri, Image.sha256)
-                .where(Image.dataset_id == job.dataset_id, Image.label.in_(classes))
-                .order_by(Image.id)
-            )
-        ]
-    if not rows:
-        return {"unavailable": "the training images of this model are no longer stored"}
-    chosen = _round_robin(rows, MAX_IMAGES)
-    index = {name: i for i, name in enumerate(classes)}
-    probabilities, labels, skipped = [], [], 0
-    for start in range(0, len(chosen), BATCH):
-        batch = chosen[start : start + BATCH]
-        try:
-            sources: list[ImageSource] = [
-                str(store.cached_file(uri, sha256)) for _, uri, sha256 in batch
-            ]
-            pixels = predictor.preprocess(sources)
-        except (ImageDecodeError, OSError, ValueError):
-            skipped += len(batch)  # a file lost from the store must not hide the rest
-            continue
-        probabilities.append(predictor.probabilities(pixels))
-        labels += [index[label] for label, _, _ in batch]
-    if not labels:
-        return {"unavailable": "none of the training images could be read"}
-    # log-probabilities are logits up to a constant per row: same argmax, same loss.
-    logits = torch.cat(probabilities).clamp_min(1e-12).log()
-    report = metrics_from_logits(logits, torch.tensor(labels), classes).summary()
-    report.update(source="training", evaluated=len(labels), available=len(rows), skipped=skipped)
-    return report
-
-
-class TrainingEvaluations:
-    """Evaluations on training images, computed once per model in the background.
-
-    Each runs on a fresh thread that exits when done (see service/inference/threads.py),
-    one at a time, so evaluations queue up instead of competing with predictions for CPU.
+    Models trained before `quality` existed carry `validation` when their dataset had a
+    validation split (held-out images, so a fair measurement); anything else is "none".
     """
+    metrics = model.metrics or {}
+    quality = metrics.get("quality")
+    if isinstance(quality, dict) and quality.get("kind") in ("holdout", "cross_validated"):
+        return quality
+    legacy = metrics.get("validation")
+    if isinstance(legacy, dict) and legacy.get("top1") is not None:
+        return {
+            "kind": "holdout",
+            "top1": legacy.get("top1"),
+            "top5": legacy.get("top5"),
+            "count": legacy.get("count"),
+            "report": legacy,
+        }
+    label = quality.get("label") if isinstance(quality, dict) else None
+    return {"kind": "none", "label": label or NONE_LABEL}
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = cache_dir
-        self._lock = threading.Lock()
-        self._done: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._running: dict[str, Future[None]] = {}
-        self._one_at_a_time = threading.Lock()
-        self._closed = False
 
-    def _path(self, key: str) -> Path:
-        return self.cache_dir / f"eval-{key}.json"
+def training_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The training run's own numbers minus any accuracy: accuracy on the images a model
+    trained on says nothing of its quality, so the dashboard never shows it."""
+    return {
+        name: value
+        for name, value in metrics.items()
+        if not (name.startswith("train") and any(w in name for w in ("top1", "top5", "acc")))
+    }
 
-    def get(self, ref: ModelRef, compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
-        """The finished report, or None while it is computed (started on first call)."""
-        key = f"{ref.id}-{ref.sha256[:16]}"
-        with self._lock:
-            if key in self._done:
-                self._done.move_to_end(key)
-                return self._done[key]
-            path = self._path(key)
-            if path.exists():
-                try:
-                    return self._keep(key, json.loads(path.read_text()))
-                except (OSError, ValueError):
-                    pass  # unreadable cache file: compute again
-            if key not in self._running:
-                self._running[key] = run_in_fresh_thread(
-                    lambda: self._run(key, compute), name="bit-dashboard-eval"
-                )
-            return None
 
-    def _keep(self, key: str, report: dict[str, Any]) -> dict[str, Any]:
-        self._done[key] = report  # callers hold the lock
-        while len(self._done) > KEPT_IN_MEMORY:
-            self._done.popitem(last=False)
-        return report
+def cv_recall_rows(quality: dict[str, Any], classes: Sequence[Any]) -> list[tuple[str, float]]:
+    """Per-class recall of a cross-validated estimate, keyed by class name or index."""
+    names = [str(c) for c in classes]
+    rows = []
+    for key, recall in (quality.get("per_class_recall") or {}).items():
+        name = str(key)
+        if name not in names and name.isdigit() and int(name) < len(names):
+            name = names[int(name)]
+        rows.append((name, float(recall)))
+    order = {name: i for i, name in enumerate(names)}
+    return sorted(rows, key=lambda row: order.get(row[0], len(order)))
 
-    def _run(self, key: str, compute: Callable[[], dict[str, Any]]) -> None:
-        with self._one_at_a_time:
-            if self._closed:
-                return
-            self._compute_and_keep(key, compute)
 
-    def _compute_and_keep(self, key: str, compute: Callable[[], dict[str, Any]]) -> None:
-        try:
-            report = compute()
-        except Exception as exc:
-            log.exception("evaluation of model %s on its training images failed", key)
-            # Kept in memory only: the page stops asking, and a restart tries again.
-            with self._lock:
-                self._keep(key, {"unavailable": f"the evaluation failed ({exc})"})
-                self._running.pop(key, None)
-            return
-        with self._lock:
-            self._keep(key, report)
-            self._running.pop(key, None)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            temp = self._path(key).with_suffix(".tmp")
-            temp.write_text(json.dumps(report))
-            temp.replace(self._path(key))
-        except OSError:
-            log.warning("could not keep the evaluation of model %s on disk", key, exc_info=True)
+def has_results(results: dict[str, Any] | None) -> bool:
+    """Whether a report holds numbers (an evaluation's results stay {} until its job ends)."""
+    return bool(results) and results.get("top1") is not None  # type: ignore[union-attr]
 
-    def close(self) -> None:
-        """Start no more evaluations; one running finishes on its own thread."""
-        self._closed = True
+
+def _thin(curve: dict[str, list[float]], points: int) -> dict[str, list[float]]:
+    """At most about `points` of a curve's points, evenly spaced, keeping its last point."""
+    precision, recall = curve.get("precision") or [], curve.get("recall") or []
+    thresholds = curve.get("thresholds") or []
+    if len(precision) <= points:
+        return {"precision": precision, "recall": recall, "thresholds": thresholds}
+    step = -(-len(thresholds) // points)  # ceil
+    keep = list(range(0, len(thresholds), step))
+    # scikit-learn's curve ends with one point past the last threshold (precision 1, recall 0).
+    tail = list(range(len(thresholds), len(precision)))
+    return {
+        "precision": [precision[i] for i in keep + tail],
+        "recall": [recall[i] for i in keep + tail],
+        "thresholds": [thresholds[i] for i in keep],
+    }
+
+
+def _curves(classes: list[str], per_class: dict[str, Any]) -> dict[str, Any]:
+    """The PR curves the page's script reads: class order, one curve per class."""
+    stored = [(per_class.get(name) or {}).get("pr_curve") or {} for name in classes]
+    if not any(curve.get("thresholds") for curve in stored):
+        return {}
+    points = max(MIN_CURVE_POINTS, CURVE_BUDGET // max(1, len(classes)))
+    return {"classes": classes, "curves": [_thin(curve, points) for curve in stored]}
+
+
+def _rows(classes: list[str], report: dict[str, Any]) -> list[dict[str, Any]]:
+    per_class = report.get("per_class") or {}
+    confusion = report.get("confusion") or []
+    rows = []
+    for i, name in enumerate(classes):
+        entry = per_class.get(name) or {}
+        support = entry.get("support")
+        if support is None and i < len(confusion):
+            support = sum(confusion[i])  # older reports: the row of the confusion matrix
+        suggested = entry.get("thresholds") or {}
+        rows.append(
+            {
+                "name": name,
+                "precision": entry.get("precision"),
+                "recall": entry.get("recall"),
+                "f1": entry.get("f1"),
+                "support": support,
+                "ap": entry.get("ap"),
+                "best_f1": suggested.get("best_f1"),
+                "target": suggested.get("target_precision"),
+            }
+        )
+    return rows
+
+
+def report_view(report: dict[str, Any], *, threshold: float | None) -> dict[str, Any]:
+    """Everything _report.html draws for one classification report.
+
+    `threshold` is the model's default (the slider starts there, DEFAULT_SLIDER if None).
+    """
+    classes = [str(c) for c in report.get("classes") or []]
+    confusion = report.get("confusion") or []
+    curves = _curves(classes, report.get("per_class") or {})
+    slider = DEFAULT_SLIDER if threshold is None else threshold
+    view: dict[str, Any] = {
+        "report": report,
+        "classes": classes,
+        "rows": _rows(classes, report),
+        "heatmap": heatmap(confusion, classes),
+        "confusions": top_confusions(confusion, classes),
+        "curves": curves,
+        "slider": slider,
+        "box": PR_BOX,
+    }
+    if curves:
+        first = curves["curves"][0]
+        precision, recall = value_at(first, slider)
+        view.update(
+            selected=classes[0],
+            pr_points=pr_points(first["precision"], first["recall"]),
+            at_threshold={"precision": precision, "recall": recall},
+            # Nothing predicted above every stored threshold: no point on the curve.
+            marker=None if precision is None else (PR_BOX.x(recall), PR_BOX.y(precision)),
+        )
+    calibration = report.get("calibration") or {}
+    if calibration.get("bins"):
+        view["calibration"] = {
+            "ece": calibration.get("ece"),
+            "bars": reliability_bars(calibration["bins"]),
+        }
+    return view

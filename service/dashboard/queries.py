@@ -11,7 +11,16 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db.models import Dataset, Image, Job, JobMetric, Model, Worker, utcnow
+from service.db.models import (
+    Dataset,
+    Evaluation,
+    Image,
+    Job,
+    JobMetric,
+    Model,
+    Worker,
+    utcnow,
+)
 from service.jobs.status import JobStatus
 from service.queueing import celery_client
 from service.settings import QUEUES, Settings
@@ -19,7 +28,7 @@ from service.settings import QUEUES, Settings
 log = logging.getLogger(__name__)
 
 STATUSES: tuple[str, ...] = tuple(JobStatus)
-KINDS = ("finetune", "pretrain")
+KINDS = ("finetune", "pretrain", "evaluate")
 ALIVE_BEATS = 3  # a worker missing this many reconcile beats is shown as gone
 
 
@@ -210,8 +219,29 @@ def sample_images(session: Session, dataset_id: int, per_class: int) -> dict[str
     return samples
 
 
+@dataclass(frozen=True)
+class EvaluationRow:
+    evaluation: Evaluation
+    status: str | None  # its job's; None once the job row is gone
+    error: str | None  # its job's, when it failed
+    dataset_name: str | None
+
+
+def evaluations_of_model(session: Session, model_id: int, limit: int = 50) -> list[EvaluationRow]:
+    """A model's stored evaluations, newest first, with their job's status and dataset."""
+    rows = session.execute(
+        select(Evaluation, Job.status, Job.error, Dataset.name)
+        .outerjoin(Job, Job.id == Evaluation.job_id)
+        .outerjoin(Dataset, Dataset.id == Evaluation.dataset_id)
+        .where(Evaluation.model_id == model_id)
+        .order_by(Evaluation.id.desc())
+        .limit(limit)
+    )
+    return [EvaluationRow(*row) for row in rows]
+
+
 def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]:
-    """Images per class and split: {label: {"train": n, "val": m}}."""
+    """Images per class and split: {label: {"train": n, "val": m, "test": k}}."""
     counts: dict[str, dict[str, int]] = {}
     for label, split, count in session.execute(
         select(Image.label, Image.split, func.count())
@@ -225,13 +255,15 @@ def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]
 
 def plan_rows(plan: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """A plan as (name, value) rows; nested dicts (a pretrain job's plan, the overrides)
-    become dotted names, long class lists are cut short."""
+    become dotted names, long class lists are cut short, held-out image ids are counted."""
     rows = []
     for name, value in plan.items():
         if isinstance(value, dict):
             rows += plan_rows(value, f"{prefix}{name}.") if value else [(prefix + name, "—")]
             continue
-        if name == "classes" and isinstance(value, list) and len(value) > 12:
+        if name == "val_image_ids" and isinstance(value, list):
+            shown = f"{len(value)} images"
+        elif name == "classes" and isinstance(value, list) and len(value) > 12:
             shown = ", ".join(map(str, value[:12])) + f" … ({len(value)} classes)"
         elif isinstance(value, list | tuple):
             shown = ", ".join(map(str, value))
@@ -241,6 +273,19 @@ def plan_rows(plan: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
             shown = str(value)
         rows.append((prefix + name, shown))
     return rows
+
+
+def holdout_of(params: dict[str, Any]) -> dict[str, Any] | None:
+    """A job's hold-out as the page states it: source, held-out count, fraction, seed."""
+    holdout = params.get("holdout")
+    if not isinstance(holdout, dict):
+        return None  # jobs created before hold-outs were recorded
+    return {
+        "source": holdout.get("source") or "none",
+        "count": len(holdout.get("val_image_ids") or []),
+        "fraction": holdout.get("fraction"),
+        "seed": holdout.get("seed"),
+    }
 
 
 def scalar_rows(values: dict[str, Any]) -> list[tuple[str, str]]:

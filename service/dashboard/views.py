@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import math
-import threading
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -17,6 +16,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
@@ -44,18 +44,21 @@ from service.dashboard.auth import (
     start_session,
 )
 from service.dashboard.evaluation import (
-    TrainingEvaluations,
-    evaluate_on_training_images,
-    validation_report,
+    EVALUATION_SPLITS,
+    cv_recall_rows,
+    has_results,
+    model_quality,
+    report_view,
+    training_metrics,
 )
-from service.dashboard.heatmap import heatmap, top_confusions
-from service.dashboard.templating import NO_STORE, page, templates, when
+from service.dashboard.templating import NO_STORE, page, when
 from service.dashboard.thumbnails import SIZES, thumbnail
-from service.db.artifacts import ArtifactStore
 from service.db.models import Dataset, Image, Job, Model
 from service.deps import IdPath, SessionDep, SettingsDep, StoreDep
 from service.errors import ApiError
-from service.inference import Inference, InferenceDep
+from service.evaluations.schemas import EvaluationCreate
+from service.evaluations.service import create_evaluation
+from service.inference import InferenceDep
 from service.jobs import service as jobs
 from service.jobs.status import ACTIVE, RETRYABLE, TERMINAL
 from service.models import service as models
@@ -258,7 +261,8 @@ def job_page(
             "jobs",
             job=job,
             plan=queries.plan_rows(job.params or {}),
-            metrics=queries.scalar_rows(job.metrics or {}),
+            holdout=queries.holdout_of(job.params or {}),
+            metrics=queries.scalar_rows(training_metrics(job.metrics or {})),
             events=jobs.job_events(session, job.id),
             model=queries.model_of_job(session, job),
             dataset=session.get(Dataset, job.dataset_id) if job.dataset_id else None,
@@ -419,55 +423,14 @@ def model_list(
         request,
         settings,
         "models.html",
-        _context(admin, "models", models=rows, pager=_pages(total, page_number)),
+        _context(
+            admin,
+            "models",
+            models=rows,
+            qualities={m.id: model_quality(m) for m in rows},
+            pager=_pages(total, page_number),
+        ),
     )
-
-
-_evaluations_lock = threading.Lock()
-
-
-def evaluations(request: Request, settings: Settings) -> TrainingEvaluations:
-    """The app's training-image evaluations, made on first use (routes run on threads)."""
-    state = request.app.state
-    with _evaluations_lock:
-        found: TrainingEvaluations | None = getattr(state, "dashboard_evaluations", None)
-        if found is None:
-            found = state.dashboard_evaluations = TrainingEvaluations(
-                settings.home.resolve() / "cache" / "dashboard"
-            )
-    return found
-
-
-def _evaluation(
-    request: Request,
-    settings: Settings,
-    store: ArtifactStore,
-    inference: Inference,
-    model: Model,
-) -> dict[str, Any] | None:
-    """The report to show: validation metrics, else the (cached) training-image evaluation."""
-    report = validation_report(model)
-    if report is not None:
-        return {**report, "source": "validation"}
-    ref = models.model_ref(model)
-    return evaluations(request, settings).get(
-        ref,
-        lambda: evaluate_on_training_images(settings, store, inference.cache.get(ref), model.id),
-    )
-
-
-def _evaluation_context(report: dict[str, Any] | None) -> dict[str, Any]:
-    if report is None or "unavailable" in report:
-        return {"report": report}
-    classes = [str(c) for c in report.get("classes", [])]
-    confusion = report.get("confusion") or []
-    return {
-        "report": report,
-        "classes": classes,
-        "heatmap": heatmap(confusion, classes),
-        "confusions": top_confusions(confusion, classes),
-        "per_class": report.get("per_class", {}),
-    }
 
 
 def _model(session: Session, admin: AdminSession, model_id: int) -> Model:
@@ -477,26 +440,48 @@ def _model(session: Session, admin: AdminSession, model_id: int) -> Model:
         raise PageNotFound(f"model {model_id} does not exist") from exc
 
 
+def _choose_report(
+    rows: list[queries.EvaluationRow], quality: dict[str, Any], choice: str
+) -> tuple[str, dict[str, Any] | None]:
+    """Which report the page details: the one asked for, else the newest finished
+    evaluation, else the held-out report of training. ("", None): none to show."""
+    holdout = quality.get("report") if quality["kind"] == "holdout" else None
+    holdout = holdout if has_results(holdout) else None
+    if choice == "holdout" and holdout is not None:
+        return "holdout", holdout
+    for row in rows:
+        if choice == str(row.evaluation.id):
+            results = row.evaluation.results
+            return choice, results if has_results(results) else None
+    for row in rows:
+        if has_results(row.evaluation.results):
+            return str(row.evaluation.id), row.evaluation.results
+    return ("holdout", holdout) if holdout is not None else ("", None)
+
+
 def _model_context(
-    request: Request,
-    admin: AdminSession,
-    session: Session,
-    settings: Settings,
-    store: ArtifactStore,
-    inference: Inference,
-    model_id: int,
+    admin: AdminSession, session: Session, model_id: int, choice: str = ""
 ) -> dict[str, Any]:
     model = _model(session, admin, model_id)
     job = session.get(Job, model.job_id) if model.job_id else None
+    quality = model_quality(model)
+    rows = queries.evaluations_of_model(session, model.id)
+    selected, report = _choose_report(rows, quality, choice)
     return _context(
         admin,
         "models",
         model=model,
         job=job,
+        quality=quality,
+        cv_recall=cv_recall_rows(quality, model.classes),
+        evaluations=rows,
+        selected=selected,
+        selected_row=next((r for r in rows if str(r.evaluation.id) == selected), None),
+        view=report_view(report, threshold=model.threshold) if report else None,
+        splits=EVALUATION_SPLITS,
         plan=queries.plan_rows(model.plan or {}),
-        metrics=queries.scalar_rows(model.metrics or {}),
+        metrics=queries.scalar_rows(training_metrics(model.metrics or {})),
         top_k=min(TRY_TOP_K, len(model.classes)),  # the form's max is the class count
-        **_evaluation_context(_evaluation(request, settings, store, inference, model)),
     )
 
 
@@ -507,34 +492,91 @@ def model_page(
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
-    store: StoreDep,
-    inference: InferenceDep,
+    evaluation: Annotated[str, Query(max_length=20)] = "",
 ) -> Response:
-    """A model: metrics, confusion heat map, per-class precision/recall, plan, try it."""
-    context = _model_context(request, admin, session, settings, store, inference, model_id)
+    """A model: quality on held-out images, evaluations with PR curves, threshold, try it."""
+    context = _model_context(admin, session, model_id, evaluation)
     return _render(request, settings, "model.html", context)
 
 
-@router.get("/models/{model_id}/evaluation")
-def model_evaluation(
+def _model_url(model_id: int, evaluation: str, anchor: str) -> str:
+    query = f"?{urlencode({'evaluation': evaluation})}" if evaluation.isalnum() else ""
+    return f"/admin/models/{model_id}{query}#{anchor}"
+
+
+@router.post("/models/{model_id}/threshold")
+def save_threshold(
     request: Request,
     model_id: IdPath,
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
-    store: StoreDep,
-    inference: InferenceDep,
+    threshold: Annotated[str, Form()] = "",
+    clear: Annotated[str, Form()] = "",
+    evaluation: Annotated[str, Form(max_length=20)] = "",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
-    """The evaluation part of a model page (202 while it is being computed)."""
-    model = _model(session, admin, model_id)
-    context = _evaluation_context(_evaluation(request, settings, store, inference, model))
-    return templates.TemplateResponse(
-        request,
-        "_evaluation.html",
-        {**context, "model": model},
-        status_code=202 if context["report"] is None else 200,
-        headers=NO_STORE,
+    """Set (or clear) the model's default probability threshold, as PATCH /v1/models does."""
+    check_csrf(admin, csrf_token)
+    response = RedirectResponse(_model_url(model_id, evaluation, "threshold-h"), status_code=303)
+    try:
+        value = None if clear else float(threshold)
+        model = models.set_threshold(
+            session, principal=admin.principal, model_id=model_id, threshold=value
+        )
+    except ValueError:
+        set_flash(request, response, settings, f"'{threshold[:40]}' is not a number.")
+    except ApiError as exc:
+        if exc.status == 404:
+            raise PageNotFound(f"model {model_id} does not exist") from exc
+        set_flash(request, response, settings, exc.message)
+    else:
+        shown = "none: predict keeps every class" if model.threshold is None else model.threshold
+        set_flash(request, response, settings, f"Model {model.id}: default threshold {shown}.")
+    return response
+
+
+@router.post("/models/{model_id}/evaluations")
+def run_evaluation(
+    request: Request,
+    model_id: IdPath,
+    admin: AdminPage,
+    session: SessionDep,
+    settings: SettingsDep,
+    dataset_id: Annotated[str, Form()] = "",
+    split: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Evaluate the model on a dataset or one split of it, as POST /v1/models/{id}/evaluations."""
+    check_csrf(admin, csrf_token)
+    response = RedirectResponse(f"/admin/models/{model_id}#evaluations-h", status_code=303)
+    try:
+        wanted = EvaluationCreate(dataset_id=dataset_id.strip(), split=split or None)  # type: ignore[arg-type]
+    except ValidationError:
+        set_flash(
+            request, response, settings, "Give the id of a dataset, and test, val, train or all."
+        )
+        return response
+    try:
+        evaluation = create_evaluation(
+            session, settings, principal=admin.principal, model_id=model_id, request=wanted
+        )
+    except ApiError as exc:
+        if exc.code == "model_not_found":
+            raise PageNotFound(f"model {model_id} does not exist") from exc
+        set_flash(request, response, settings, exc.message)
+        return response
+    response = RedirectResponse(
+        _model_url(model_id, str(evaluation.id), "report-h"), status_code=303
     )
+    set_flash(
+        request,
+        response,
+        settings,
+        f"Evaluation {evaluation.id} queued as job {evaluation.job_id}: "
+        "its results show here when the job ends.",
+    )
+    return response
 
 
 @router.post("/models/{model_id}/try")
@@ -544,7 +586,6 @@ async def try_model(
     admin: AdminPage,
     session: SessionDep,
     settings: SettingsDep,
-    store: StoreDep,
     inference: InferenceDep,
     image: Annotated[UploadFile | None, File()] = None,
     top_k: Annotated[str, Form()] = str(TRY_TOP_K),
@@ -552,9 +593,7 @@ async def try_model(
 ) -> Response:
     """Classify one uploaded image with the model and show the top-k."""
     check_csrf(admin, csrf_token)
-    context = await run_in_threadpool(
-        _model_context, request, admin, session, settings, store, inference, model_id
-    )
+    context = await run_in_threadpool(_model_context, admin, session, model_id)
     model: Model = context["model"]
     error, predictions, preview = None, None, None
     try:
@@ -628,6 +667,10 @@ def dataset_page(
         raise PageNotFound(f"dataset {dataset_id} does not exist")
     counts = queries.split_counts(session, dataset.id)
     totals = {label: sum(splits.values()) for label, splits in counts.items()}
+    split_totals = {
+        split: sum(splits.get(split, 0) for splits in counts.values())
+        for split in ("train", "val", "test")
+    }
     return _render(
         request,
         settings,
@@ -638,6 +681,7 @@ def dataset_page(
             dataset=dataset,
             counts=counts,
             totals=totals,
+            split_totals=split_totals,
             largest=max(totals.values(), default=1),
             samples=queries.sample_images(session, dataset.id, THUMBS_PER_CLASS),
             jobs=queries.jobs_of_dataset(session, dataset.id),

@@ -15,6 +15,11 @@ _SUMMARY_EXAMPLE: dict[str, JsonValue] = {
     "image_count": 33,
     "created_at": "2025-01-31T12:00:00Z",
 }
+_SPLITS_EXAMPLE: dict[str, JsonValue] = {
+    "train": {"daisy": 10, "rose": 8, "tulip": 9},
+    "val": {"daisy": 2, "rose": 2, "tulip": 2},
+    "test": {},
+}
 _SIZES_EXAMPLE: dict[str, JsonValue] = {
     "min": {"height": 240, "width": 320},
     "median": {"height": 480, "width": 640},
@@ -54,15 +59,24 @@ class DatasetSummary(BaseModel):
 
 
 class DatasetRead(DatasetSummary):
-    """One dataset in full: class counts, bytes stored and image sizes."""
+    """One dataset in full: class counts per split, bytes stored and image sizes."""
 
+    splits: dict[str, dict[str, int]] = Field(
+        description="images per class in each split (train, val, test): val images are held "
+        "out of training to measure the model, test images only serve evaluations"
+    )
     total_bytes: int = Field(description="bytes of the original images stored")
     image_sizes: ImageSizeStats | None = Field(description="null only for a dataset without images")
 
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {**_SUMMARY_EXAMPLE, "total_bytes": 5_412_001, "image_sizes": _SIZES_EXAMPLE}
+                {
+                    **_SUMMARY_EXAMPLE,
+                    "splits": _SPLITS_EXAMPLE,
+                    "total_bytes": 5_412_001,
+                    "image_sizes": _SIZES_EXAMPLE,
+                }
             ]
         }
     )
@@ -81,6 +95,7 @@ class DatasetUploadRead(DatasetRead):
             "examples": [
                 {
                     **_SUMMARY_EXAMPLE,
+                    "splits": _SPLITS_EXAMPLE,
                     "total_bytes": 5_412_001,
                     "image_sizes": _SIZES_EXAMPLE,
                     "added": 33,
@@ -104,3 +119,55 @@ class DatasetPage(BaseModel):
             "examples": [{"items": [_SUMMARY_EXAMPLE], "total": 1, "limit": 50, "offset": 0}]
         }
     )
+
+
+_IMAGE_EXAMPLE: dict[str, JsonValue] = {
+    "id": 41,
+    "label": "daisy",
+    "split": "val",
+    "filename": "daisy/0041.jpg",
+    "width": 640,
+    "height": 480,
+    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "created_at": "2025-01-31T12:00:00Z",
+}
+
+
+class ImageRead(BaseModel):
+    """One image of a dataset: its class, split and what was stored."""
+
+    model_config = ConfigDict(
+        from_attributes=True, json_schema_extra={"examples": [_IMAGE_EXAMPLE]}
+    )
+
+    id: int
+    label: str
+    split: str = Field(description="train | val | test")
+    filename: str = Field(description="the name it was uploaded with")
+    width: int
+    height: int
+    sha256: str = Field(description="sha256 of the stored bytes")
+    created_at: dt.datetime
+
+
+class ImagePage(BaseModel):
+    """One page of a dataset's images, oldest first, with the total across all pages."""
+
+    items: list[ImageRead]
+    total: int
+    limit: int
+    offset: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [_IMAGE_EXAMPLE], "total": 1, "limit": 100, "offset": 0}]
+        }
+    )
+
+
+class ImageUpdate(BaseModel):
+    """What may change on an image: its split."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"split": "test"}]})
+
+    split: str = Field(max_length=16, description="train | val | test")

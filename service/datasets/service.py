@@ -1,4 +1,4 @@
-"""Dataset service functions: create, append, read, list, delete, and the training view.
+"""Dataset service functions: create, append, read, list, delete, splits, the training view.
 
 Writes follow one order so that a failure leaves nothing half-written: check every item,
 write the images to the artifact store, then commit the rows. On any error the images
@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -29,10 +29,12 @@ from service.datasets.schemas import (
     ImageSizeStats,
 )
 from service.datasets.uploads import (
+    SPLITS,
     CheckedImage,
     UploadItem,
     check_dataset_name,
     check_items,
+    check_split,
     display_name,
     printable,
 )
@@ -138,6 +140,7 @@ def _store_images(
                 width=image.width,
                 height=image.height,
                 size_bytes=image.size_bytes,
+                split=image.item.split,
                 uri=key,
             )
         )
@@ -216,11 +219,8 @@ def append_images(
     return len(images)
 
 
-def delete_dataset(
-    session: Session, store: ArtifactStore, *, dataset_id: int, principal: Principal
-) -> None:
-    """Delete a dataset's rows, then its images; refused while an active job uses it."""
-    dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
+def _check_not_in_use(session: Session, dataset: Dataset, action: str) -> None:
+    """409 `dataset_in_use` while a queued or running job reads the dataset."""
     active = list(
         session.scalars(
             select(Job.id)
@@ -233,9 +233,17 @@ def delete_dataset(
             409,
             "dataset_in_use",
             f"dataset {dataset.id} is used by job(s) {active} that are queued or running; wait "
-            "for them to finish or cancel them, then delete again",
+            f"for them to finish or cancel them, then {action} again",
             jobs=active,
         )
+
+
+def delete_dataset(
+    session: Session, store: ArtifactStore, *, dataset_id: int, principal: Principal
+) -> None:
+    """Delete a dataset's rows, then its images; refused while an active job uses it."""
+    dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
+    _check_not_in_use(session, dataset, "delete")
     images = session.scalar(select(func.count()).where(Image.dataset_id == dataset.id)) or 0
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
@@ -252,7 +260,72 @@ def delete_dataset(
     store.delete_prefix(dataset_prefix(dataset.id))
 
 
+def move_image(
+    session: Session, *, dataset_id: int, image_id: int, split: str, principal: Principal
+) -> Image:
+    """Put one image in another split; refused while an active job uses the dataset (its
+    hold-out was fixed when it was created)."""
+    dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
+    image = get_image(session, dataset=dataset, image_id=image_id)
+    split = check_split(split)
+    if image.split != split:
+        _check_not_in_use(session, dataset, "move the image")
+        image.split = split
+        session.commit()
+    return image
+
+
 # --- reads -----------------------------------------------------------------------------------
+
+
+def get_image(session: Session, *, dataset: Dataset, image_id: int) -> Image:
+    """One image of a (visible) dataset; 404 `image_not_found` otherwise."""
+    image = session.get(Image, image_id)
+    if image is None or image.dataset_id != dataset.id:
+        raise ApiError(
+            404,
+            "image_not_found",
+            f"image {image_id} is not in dataset {dataset.id}; list its images with "
+            f"GET /v1/datasets/{dataset.id}/images",
+        )
+    return image
+
+
+def list_images(
+    session: Session,
+    *,
+    dataset: Dataset,
+    split: str | None,
+    label: str | None,
+    limit: int,
+    offset: int,
+) -> tuple[list[Image], int]:
+    """One page of a dataset's images (oldest first), filtered by split and label, and
+    their total."""
+    query = select(Image).where(Image.dataset_id == dataset.id)
+    if split is not None:
+        query = query.where(Image.split == check_split(split))
+    if label is not None:
+        if "\x00" in label:  # no label holds one (uploads refuse them); PostgreSQL would fail
+            return [], 0
+        query = query.where(Image.label == label)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.scalars(query.order_by(Image.id).limit(limit).offset(offset))
+    return list(page), total
+
+
+def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]:
+    """Images per split and class: {"train": {label: n}, "val": {...}, "test": {...}}."""
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    rows = session.execute(
+        select(Image.split, Image.label, func.count())
+        .where(Image.dataset_id == dataset_id)
+        .group_by(Image.split, Image.label)
+        .order_by(Image.split, Image.label)
+    )
+    for split, label, count in rows:
+        counts.setdefault(split, {})[label] = count
+    return counts
 
 
 def get_dataset(session: Session, *, dataset_id: int, principal: Principal) -> Dataset:
@@ -330,7 +403,12 @@ def describe(session: Session, dataset: Dataset) -> DatasetRead:
             max=ImageSize(height=max(heights), width=max(widths)),
         )
     summary = _summary(dataset, class_counts(session, [dataset.id]).get(dataset.id, {}))
-    return DatasetRead(**summary.model_dump(), total_bytes=sum(sizes), image_sizes=stats)
+    return DatasetRead(
+        **summary.model_dump(),
+        splits=split_counts(session, dataset.id),
+        total_bytes=sum(sizes),
+        image_sizes=stats,
+    )
 
 
 def describe_upload(
@@ -343,19 +421,42 @@ def describe_upload(
     return DatasetUploadRead(**read.model_dump(), added=added, duplicates=sent - added)
 
 
-def labeled_images(session: Session, store: ArtifactStore, dataset_id: int) -> LabeledImages:
+def labeled_images(
+    session: Session,
+    store: ArtifactStore,
+    dataset_id: int,
+    *,
+    split: str | None = None,
+    up_to_id: int | None = None,
+    classes: Sequence[str] | None = None,
+    image_ids: Collection[int] | None = None,
+    exclude_ids: Collection[int] = (),
+) -> LabeledImages:
     """A dataset as bit_core's LabeledImages: classes sorted by name, images by id.
 
+    `split` keeps one split's images, `up_to_id` those uploaded by then (an evaluation
+    pins the images it was created for); `classes` sets the class order (a model's
+    outputs) instead of the sorted labels. `image_ids` keeps only those images and
+    `exclude_ids` drops those (a job's held-out images: they never train).
     Sources are file paths (decoded lazily, by DataLoader workers too): the store's own
     files, or a remote store's copies in this host's cache, checked by sha256.
     """
-    rows = list(
-        session.execute(
-            select(Image.label, Image.uri, Image.filename, Image.sha256)
-            .where(Image.dataset_id == dataset_id)
-            .order_by(Image.id)
-        )
+    query = select(Image.label, Image.uri, Image.filename, Image.sha256, Image.id).where(
+        Image.dataset_id == dataset_id
     )
+    if split is not None:
+        query = query.where(Image.split == split)
+    if up_to_id is not None:
+        query = query.where(Image.id <= up_to_id)
+    # Id sets filtered here, not in SQL: a hold-out can be larger than a database's limit
+    # on bound parameters.
+    keep = None if image_ids is None else set(image_ids)
+    drop = set(exclude_ids)
+    rows = [
+        row[:4]
+        for row in session.execute(query.order_by(Image.id))
+        if (keep is None or row.id in keep) and row.id not in drop
+    ]
     if not rows:
         raise ValueError(f"dataset {dataset_id} does not exist or has no images")
     sources: list[ImageSource] = [str(store.cached_file(uri, sha)) for _, uri, _, sha in rows]
@@ -363,5 +464,7 @@ def labeled_images(session: Session, store: ArtifactStore, dataset_id: int) -> L
     # Errors name the file as the user uploaded it, not its internal artifact key.
     names = [f"{filename or uri} (label '{label}')" for label, uri, filename, _ in rows]
     return LabeledImages.from_pairs(
-        list(zip(sources, labels, strict=True)), classes=sorted(set(labels)), names=names
+        list(zip(sources, labels, strict=True)),
+        classes=sorted(set(labels)) if classes is None else classes,
+        names=names,
     )

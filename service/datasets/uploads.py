@@ -37,6 +37,10 @@ JUNK_FOLDERS = {"__macosx"}
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Names in messages are cut to this length: a client chooses them.
 MAX_NAME_CHARS = 200
+# What an image is for: training, validation (held out; never trains) or testing (only
+# evaluations read it). A zip may carry them as its top folders.
+SPLITS = ("train", "val", "test")
+DEFAULT_SPLIT = "train"
 
 # The error answers of an upload (status, code, example message), documented in OpenAPI by
 # every route that takes one (datasets, fine-tune): most are raised here, the rest by the
@@ -49,6 +53,8 @@ UPLOAD_ERROR_CODES = (
     (413, "archive_too_large", "pets.zip: 25000 entries is over the limit of 20000; ..."),
     (422, "invalid_image", "notes.png: not an image Pillow can read; send a JPEG, PNG, ..."),
     (422, "labels_mismatch", "labels: got 2 label(s) for 3 file(s); send one `labels` ..."),
+    (422, "invalid_split", "splits: 'dev' of 'cat1.jpg' is not one of train, val, test; ..."),
+    (422, "splits_mismatch", "splits: got 2 split(s) for 3 file(s); send one `splits` ..."),
     (422, "invalid_label", "label '' of 'cat1.jpg' is empty; give every image a class name"),
     (422, "invalid_name", "name 'a?b' contains control characters (such as NUL ...); ..."),
     (422, "too_many_classes", "labels: 1200 classes is over the limit of 1000; ..."),
@@ -66,7 +72,7 @@ UPLOAD_ERROR_CODES = (
 
 @dataclass(frozen=True)
 class UploadItem:
-    """One uploaded image before checks: its name (for messages), label and content.
+    """One uploaded image before checks: its name (for messages), label, content and split.
 
     `content` is the file's bytes or a readable, seekable binary file (an UploadFile's
     spooled file, a zip member copied to a temporary file); it is read from the start.
@@ -75,6 +81,7 @@ class UploadItem:
     filename: str
     label: str
     content: bytes | IO[bytes]
+    split: str = DEFAULT_SPLIT
 
     def read(self, limit: int | None = None) -> bytes:
         """The content's bytes; with `limit`, at most limit + 1 of them (to detect excess)."""
@@ -107,40 +114,101 @@ def display_name(name: str) -> str:
     return shown if len(shown) <= MAX_NAME_CHARS else shown[:MAX_NAME_CHARS] + "…"
 
 
+# --- splits ----------------------------------------------------------------------------------
+
+
+def check_split(split: str, *, field: str = "split", filename: str | None = None) -> str:
+    """`split` if it is one of SPLITS (surrounding whitespace and case aside); 422 otherwise."""
+    cleaned = split.strip().lower()
+    if cleaned not in SPLITS:
+        where = f" of '{display_name(filename)}'" if filename is not None else ""
+        raise ApiError(
+            422,
+            "invalid_split",
+            f"{field}: {display_name(split)!r}{where} is not one of {', '.join(SPLITS)}; "
+            "train images train, val images are held out to measure the model, test images "
+            "only serve evaluations",
+            field=field,
+            allowed=list(SPLITS),
+        )
+    return cleaned
+
+
 # --- multipart -------------------------------------------------------------------------------
 
 
-def _resolve_labels(labels: Sequence[str] | None) -> list[str]:
-    """One label per form field, or one field holding a JSON array of them."""
-    if not labels:
+def _resolve_list(values: Sequence[str] | None, field: str, code: str) -> list[str]:
+    """One value per form field, or one field holding a JSON array of them."""
+    if not values:
         return []
-    if len(labels) == 1 and labels[0].lstrip().startswith("["):
+    if len(values) == 1 and values[0].lstrip().startswith("["):
         try:
-            parsed = json.loads(labels[0])
+            parsed = json.loads(values[0])
         except json.JSONDecodeError as exc:
             raise ApiError(
                 422,
-                "invalid_label",
-                f"labels: a value starting with '[' is read as a JSON array of strings, but it "
+                code,
+                f"{field}: a value starting with '[' is read as a JSON array of strings, but it "
                 f"is not valid JSON ({exc.msg} at position {exc.pos}); send a valid array or "
-                "one `labels` field per file",
-                field="labels",
+                f"one `{field}` field per file",
+                field=field,
             ) from exc
         if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
             raise ApiError(
                 422,
-                "invalid_label",
-                "labels: the JSON value must be an array of strings, one per file",
-                field="labels",
+                code,
+                f"{field}: the JSON value must be an array of strings, one per file",
+                field=field,
             )
         return parsed
-    return list(labels)
+    return list(values)
+
+
+def _resolve_labels(labels: Sequence[str] | None) -> list[str]:
+    """One label per form field, or one field holding a JSON array of them."""
+    return _resolve_list(labels, "labels", "invalid_label")
+
+
+def _resolve_splits(
+    count: int, split: str | None, splits: Sequence[str] | None, filenames: Sequence[str]
+) -> list[str]:
+    """The split of each of `count` files: from `splits` (one per file), else `split`."""
+    per_file = _resolve_list(splits, "splits", "invalid_split")
+    if per_file and split is not None:
+        raise ApiError(
+            422,
+            "invalid_upload_form",
+            "send either `split` (one split for every file) or `splits` (one per file), not both",
+            field="splits",
+        )
+    if not per_file:
+        return [check_split(split or DEFAULT_SPLIT)] * count
+    if len(per_file) != count:
+        raise ApiError(
+            422,
+            "splits_mismatch",
+            f"splits: got {len(per_file)} split(s) for {count} file(s); send one `splits` form "
+            "field per file in the same order (or one JSON array), or one `split` for all",
+            field="splits",
+            files=count,
+            splits=len(per_file),
+        )
+    return [
+        check_split(value, field="splits", filename=name)
+        for value, name in zip(per_file, filenames, strict=True)
+    ]
 
 
 def parse_multipart_items(
-    files: Sequence[UploadFile], labels: Sequence[str] | None, settings: Settings | None = None
+    files: Sequence[UploadFile],
+    labels: Sequence[str] | None,
+    settings: Settings | None = None,
+    *,
+    split: str | None = None,
+    splits: Sequence[str] | None = None,
 ) -> list[UploadItem]:
-    """Pair each uploaded file with its label (same order); labels may be a JSON array.
+    """Pair each uploaded file with its label and split (same order); labels and splits
+    may be JSON arrays. The split is `splits`' entry, else `split`, else train.
 
     With `settings`, the labels are checked here too (cheap, before any image is read);
     `create_dataset` checks them in any case.
@@ -164,9 +232,11 @@ def parse_multipart_items(
             files=len(files),
             labels=len(resolved),
         )
+    names = [upload.filename or f"files[{i}]" for i, upload in enumerate(files)]
+    chosen = _resolve_splits(len(files), split, splits, names)
     items = [
-        UploadItem(filename=upload.filename or f"files[{i}]", label=label, content=upload.file)
-        for i, (upload, label) in enumerate(zip(files, resolved, strict=True))
+        UploadItem(filename=name, label=label, content=upload.file, split=item_split)
+        for name, upload, label, item_split in zip(names, files, resolved, chosen, strict=True)
     ]
     if settings is not None:
         for item in items:
@@ -180,8 +250,11 @@ def parse_upload(
     labels: Sequence[str] | None,
     archive: UploadFile | None,
     settings: Settings,
+    split: str | None = None,
+    splits: Sequence[str] | None = None,
 ) -> list[UploadItem]:
-    """The items of an upload form: either `files` + `labels`, or one `archive`."""
+    """The items of an upload form: either `files` + `labels` (+ `split` or `splits`), or
+    one `archive` (+ `split` for an archive without split folders)."""
     if archive is not None and files:
         raise ApiError(
             422,
@@ -197,8 +270,16 @@ def parse_upload(
                 "labels: an archive takes its labels from its folder names; drop `labels`",
                 field="labels",
             )
-        return parse_archive(archive, settings)
-    return parse_multipart_items(files or [], labels, settings)
+        if splits:
+            raise ApiError(
+                422,
+                "invalid_upload_form",
+                "splits: an archive takes its splits from train/, val/ and test/ top folders "
+                "(or one `split` for all of it); drop `splits`",
+                field="splits",
+            )
+        return parse_archive(archive, settings, split=split)
+    return parse_multipart_items(files or [], labels, settings, split=split, splits=splits)
 
 
 # --- zip archives ----------------------------------------------------------------------------
@@ -316,12 +397,56 @@ def _copy_member(
     return spool, written
 
 
-def parse_archive(upload: UploadFile | IO[bytes], settings: Settings) -> list[UploadItem]:
-    """The images of a zip whose top-level folders are the class names.
+def _is_split_folder(parts: list[str]) -> bool:
+    """A member below a split folder that holds class folders (train/cats/1.jpg)."""
+    return len(parts) >= 3 and parts[0].lower() in SPLITS
+
+
+def _archive_splits(
+    members: list[tuple[zipfile.ZipInfo, list[str]]], archive: str, split: str | None
+) -> tuple[list[tuple[zipfile.ZipInfo, list[str]]], list[str]]:
+    """The members with any split folder taken off their path, and each member's split.
+
+    Split layout: every top folder is train/, val/ or test/ and holds class folders. A zip
+    of plain class folders takes the request's `split` (train by default); a class may
+    still be called "test" when its images sit directly inside it.
+    """
+    in_split = [_is_split_folder(parts) for _, parts in members]
+    if not any(in_split):
+        return members, [check_split(split or DEFAULT_SPLIT)] * len(members)
+    if not all(in_split):
+        info, _ = members[in_split.index(False)]
+        raise _archive_error(
+            422,
+            "invalid_archive_layout",
+            archive,
+            info.filename,
+            "is outside the train/, val/ and test/ folders that the archive's other images "
+            "use; put every image in split/class/ (train/cats/1.jpg), or zip plain class "
+            "folders and send `split`",
+        )
+    if split is not None:
+        raise ApiError(
+            422,
+            "invalid_upload_form",
+            f"{archive}: its top folders already say each image's split; drop `split`",
+            field="split",
+        )
+    return [(info, parts[1:]) for info, parts in members], [
+        parts[0].lower() for _, parts in members
+    ]
+
+
+def parse_archive(
+    upload: UploadFile | IO[bytes], settings: Settings, *, split: str | None = None
+) -> list[UploadItem]:
+    """The images of a zip whose top-level folders are the class names, or are train/,
+    val/ and test/ folders that hold the class folders.
 
     One enclosing folder (`photos/cats/1.jpg`) is allowed; hidden files and `__MACOSX`
     are skipped. Sizes in the zip's headers are used for early refusals only: members are
     streamed with caps, since a crafted header can understate what a member expands to.
+    Without split folders, every image takes `split` (train when None).
     """
     stream = upload.file if isinstance(upload, UploadFile) else upload
     archive = display_name(
@@ -375,10 +500,16 @@ def parse_archive(upload: UploadFile | IO[bytes], settings: Settings) -> list[Up
                 f"the limit of {total_limit} (at most {settings.max_upload_bytes} bytes and "
                 f"{settings.max_zip_ratio}x the archive's size); split it or send loose files",
             )
-        # One enclosing folder is tolerated: strip it when every image sits below it.
+        # One enclosing folder is tolerated: strip it when every image sits below it
+        # (unless that folder is itself a split folder: val/cats/1.jpg is a split layout).
         roots = {parts[0] for _, parts in members}
-        if len(roots) == 1 and all(len(parts) >= 3 for _, parts in members):
+        if (
+            len(roots) == 1
+            and all(len(parts) >= 3 for _, parts in members)
+            and not all(_is_split_folder(parts) for _, parts in members)
+        ):
             members = [(info, parts[1:]) for info, parts in members]
+        members, member_splits = _archive_splits(members, archive, split)
         for info, parts in members:
             if len(parts) < 2:
                 raise _archive_error(
@@ -400,7 +531,7 @@ def parse_archive(upload: UploadFile | IO[bytes], settings: Settings) -> list[Up
                 )
         items: list[UploadItem] = []
         try:
-            for info, parts in members:
+            for (info, parts), member_split in zip(members, member_splits, strict=True):
                 spool, size = _copy_member(
                     zf,
                     info,
@@ -410,7 +541,11 @@ def parse_archive(upload: UploadFile | IO[bytes], settings: Settings) -> list[Up
                     max_file=settings.max_image_bytes,
                 )
                 budget -= size
-                items.append(UploadItem(filename=info.filename, label=parts[0], content=spool))
+                items.append(
+                    UploadItem(
+                        filename=info.filename, label=parts[0], content=spool, split=member_split
+                    )
+                )
         except BaseException:
             for item in items:
                 if not isinstance(item.content, bytes):

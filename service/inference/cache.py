@@ -25,11 +25,18 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What the cache needs from a `Model` row: plain values, safe to pass between threads."""
+    """What the cache needs from a `Model` row: plain values, safe to pass between threads.
+
+    `threshold` and `temperature` ride along so that predict reads no more rows: the
+    default probability threshold (None: keep every class) and the temperature dividing
+    the logits before the softmax (None: 1).
+    """
 
     id: int
     uri: str
     sha256: str
+    threshold: float | None = None
+    temperature: float | None = None
 
 
 Loader = Callable[[ModelRef], Predictor]
@@ -86,6 +93,9 @@ def load_from_store(
             f"the stored files of model {ref.id} are not the ones it was registered with; "
             "an operator must restore them, or fine-tune the model again",
         )
+    # The row's temperature is the truth (model.json's is where it came from): the forward
+    # thread's one division per batch, per model, applies it.
+    predictor.temperature = ref.temperature
     return predictor
 
 

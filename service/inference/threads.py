@@ -12,7 +12,7 @@ So in the API process:
 - decode threads and the event loop run no parallel torch op (`Predictor.preprocess` is
   NumPy and a resize kernel that runs serially, `bit_core.images.TORCH_RESIZE`; what the
   loop does with probabilities is far below torch's parallel grain);
-- occasional heavy work (loading a model, a dashboard evaluation) runs on a fresh thread
+- occasional heavy work (loading a model) runs on a fresh thread
   that exits when done, which takes its team with it.
 
 A GPU is not affected: its kernels run on the device whichever thread launches them.

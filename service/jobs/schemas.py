@@ -22,6 +22,27 @@ class FinetuneOverrides(BaseModel):
     crop: int | None = Field(default=None, ge=16, le=1024)
     mixup_alpha: float | None = Field(default=None, ge=0, le=10)
     resolution_rule: Literal["paper", "official"] | None = None
+    # How the job measures its model (not part of the HyperRule plan).
+    holdout_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        le=0.5,
+        description="share of each class's train images held out to measure the model, when "
+        "the dataset has no val images and every class has 8+ train images (default 0.2; "
+        "0 turns the hold-out off)",
+    )
+    eval_every: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description="steps between validations on the held-out images in full mode (default "
+        "about ten per run; 0: only at the end)",
+    )
+    calibrate: bool | None = Field(
+        default=None,
+        description="fit a temperature on the held-out images so that probabilities match "
+        "accuracy (default false)",
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -63,7 +84,12 @@ class JobRead(BaseModel):
     dataset_id: int | None
     base_model: str
     mode: str
-    plan: dict[str, Any] = Field(validation_alias="params")
+    plan: dict[str, Any] = Field(
+        validation_alias="params",
+        description="the resolved plan; a fine-tuning job's also holds `holdout` (`source` "
+        "split|auto|none, `fraction`, `seed`, `val_image_ids`: the images that measure it "
+        "and never train it), `eval_every` and `calibrate`",
+    )
     progress: float
     step: int
     total_steps: int

@@ -1,4 +1,11 @@
-"""Job service functions: create (commit, then enqueue), read, cancel, retry."""
+"""Job service functions: create (commit, then enqueue), read, cancel, retry.
+
+A fine-tuning job fixes at creation which images measure it: the dataset's `val` images,
+or else a stratified, seeded share of its `train` images when every class has enough
+(bit_core.holdout). Their ids are in the job's params, so every run of the job (a resume
+too) trains on the same images, and the held-out ones never train. `test` images never
+train and never validate: they are for evaluations.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from bit_core.holdout import DEFAULT_HOLDOUT_FRACTION, holdout_split
 from bit_core.hyperrule import OVERRIDABLE, hyperrule
 from bit_core.recipe import BaseModelNotInstalled, resolve_base
 from service.audit import record
@@ -39,6 +47,10 @@ def _visible_dataset(session: Session, principal: Principal, dataset_id: int) ->
     return require_visible(principal, session.get(Dataset, dataset_id), "dataset", dataset_id)
 
 
+# Overrides of how a job measures its model, not of the HyperRule plan.
+QUALITY_OVERRIDES = ("holdout_fraction", "eval_every", "calibrate")
+
+
 def resolve_plan(
     session: Session,
     settings: Settings,
@@ -47,8 +59,10 @@ def resolve_plan(
     arch: str,
     mode: str,
     overrides: dict[str, Any],
+    held_out: int = 0,
 ) -> dict[str, Any]:
-    """The HyperRule plan for a dataset, with the caller's overrides recorded."""
+    """The HyperRule plan for a dataset's `train` images (less `held_out` of them: the
+    schedule follows the images that really train), with the caller's overrides recorded."""
     counts = dict(
         session.execute(
             select(Image.label, func.count())
@@ -81,12 +95,51 @@ def resolve_plan(
             f"unknown override(s) {unknown}; accepted: {', '.join(accepted)}",
         )
     try:
-        plan = hyperrule(sum(counts.values()), typical, arch=arch, mode=mode, **overrides)
+        plan = hyperrule(
+            sum(counts.values()) - held_out, typical, arch=arch, mode=mode, **overrides
+        )
     except (TypeError, ValueError) as exc:
         raise ApiError(422, "invalid_overrides", f"invalid plan override: {exc}") from exc
     data = plan.to_dict()
     data["classes"] = sorted(counts)
     return data
+
+
+def choose_holdout(
+    session: Session, *, dataset_id: int, classes: list[str], fraction: float, seed: int
+) -> dict[str, Any]:
+    """The images that measure a job and never train it.
+
+    The dataset's `val` images (of the job's classes) if it has any (source "split");
+    else a stratified, seeded `fraction` of its `train` images when every class has
+    enough of them (source "auto"); else none (source "none": the model then gets a
+    cross-validated estimate instead).
+    """
+    rows = session.execute(
+        select(Image.id, Image.label, Image.split)
+        .where(Image.dataset_id == dataset_id, Image.split.in_(("train", "val")))
+        .order_by(Image.id)
+    ).all()
+    known = set(classes)
+    val = [image_id for image_id, label, split in rows if split == "val" and label in known]
+    train = [(image_id, label) for image_id, label, split in rows if split == "train"]
+    if val:
+        share = round(len(val) / (len(val) + len(train)), 4)
+        return {"source": "split", "fraction": share, "seed": seed, "val_image_ids": val}
+    index = {name: i for i, name in enumerate(classes)}
+    chosen = holdout_split([index[label] for _, label in train], fraction=fraction, seed=seed)
+    if chosen is None:
+        return {"source": "none", "fraction": fraction, "seed": seed, "val_image_ids": []}
+    held = sorted(train[i][0] for i in chosen[1])
+    return {"source": "auto", "fraction": fraction, "seed": seed, "val_image_ids": held}
+
+
+def default_eval_every(mode: str, total_steps: int, has_val: bool) -> int:
+    """Steps between validations: about ten per full run (none without held-out images,
+    and none in linear mode, which is measured once, at the end)."""
+    if mode != "full" or not has_val:
+        return 0
+    return max(10, total_steps // 10)
 
 
 def create_finetune_job(
@@ -104,6 +157,8 @@ def create_finetune_job(
     callback_url = check_callback_url(settings, callback_url)
     dataset = _visible_dataset(session, principal, dataset_id)
     base_name, arch = resolve_base_model(settings, base_model or settings.default_base_model)
+    quality = {key: overrides[key] for key in QUALITY_OVERRIDES if key in overrides}
+    overrides = {key: value for key, value in overrides.items() if key not in QUALITY_OVERRIDES}
     plan = resolve_plan(
         session, settings, dataset_id=dataset.id, arch=arch, mode=mode, overrides=overrides
     )
@@ -121,7 +176,36 @@ def create_finetune_job(
         enqueued_at=utcnow(),
     )
     session.add(job)
-    session.flush()
+    session.flush()  # the id is the job's seed: of its hold-out, as of its training run
+    fraction = quality.get("holdout_fraction")
+    holdout = choose_holdout(
+        session,
+        dataset_id=dataset.id,
+        classes=plan["classes"],
+        fraction=DEFAULT_HOLDOUT_FRACTION if fraction is None else float(fraction),
+        seed=job.id,
+    )
+    if holdout["source"] == "auto":
+        plan = resolve_plan(
+            session,
+            settings,
+            dataset_id=dataset.id,
+            arch=arch,
+            mode=mode,
+            overrides=overrides,
+            held_out=len(holdout["val_image_ids"]),
+        )
+    total_steps = plan["total_steps"] if mode == "full" else 0
+    eval_every = quality.get("eval_every")
+    if eval_every is None:
+        eval_every = default_eval_every(mode, total_steps, bool(holdout["val_image_ids"]))
+    job.params = {
+        **plan,
+        "holdout": holdout,
+        "eval_every": int(eval_every),
+        "calibrate": bool(quality.get("calibrate", False)),
+    }
+    job.total_steps = total_steps
     add_event(session, job, "created")
     session.commit()  # the row exists before any worker can see the message
     send(session, settings, job)

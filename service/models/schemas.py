@@ -21,13 +21,46 @@ MODEL_EXAMPLE: dict[str, Any] = {
     "num_classes": 3,
     "crop": 128,
     "plan": {"steps": 500, "batch_size": 512, "base_lr": 0.003, "resize": 160, "crop": 128},
-    "metrics": {"val_top1": 0.96, "per_class": {"crack": 0.95, "dent": 0.93, "ok": 1.0}},
+    "metrics": {
+        "train_loss": 0.21,
+        "quality": {"kind": "holdout", "top1": 0.96, "top5": 1.0, "count": 25},
+    },
+    "quality": {
+        "kind": "holdout",
+        "top1": 0.96,
+        "top5": 1.0,
+        "count": 25,
+        "label": "measured on 25 held-out images that did not train",
+    },
     "version": "3f2a9c1d0b7e",
     "sha256": "3f2a9c1d0b7e" + "0" * 52,
     "size_bytes": 94_000_000,
     "status": ModelStatus.READY.value,
+    "threshold": 0.6,
+    "temperature": 1.4,
     "created_at": "2025-01-01T12:00:00Z",
 }
+
+
+# Models trained before quality was measured carry only training-set numbers, which say
+# nothing about quality; they are shown as unmeasured.
+UNMEASURED = {
+    "kind": "none",
+    "label": "not measured: this model was trained before models were measured on images "
+    "that did not train them; run an evaluation (POST /v1/models/{id}/evaluations)",
+}
+
+
+def model_quality(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The model's quality as measured on images that did not train it: metrics["quality"]
+    less its full report (kept in `metrics`), with a label that says how it was measured."""
+    quality = metrics.get("quality")
+    if not isinstance(quality, dict) or "kind" not in quality:
+        return dict(UNMEASURED)
+    summary = {key: value for key, value in quality.items() if key != "report"}
+    if summary["kind"] == "holdout" and "label" not in summary:
+        summary["label"] = f"measured on {summary.get('count')} held-out images that did not train"
+    return summary
 
 
 def model_version(sha256: str) -> str:
@@ -44,7 +77,11 @@ class ModelBase(BaseModel):
     classes: list[str] = Field(description="class names, in the order of the model's outputs")
     crop: int = Field(description="input resolution (square) used for prediction")
     plan: dict[str, Any] = Field(default_factory=dict, description="the resolved training plan")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="validation metrics")
+    metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what training recorded: `quality` (see the `quality` field) and "
+        "`train_loss` (on training images: not a measure of quality)",
+    )
 
 
 class ModelRead(ModelBase):
@@ -58,6 +95,12 @@ class ModelRead(ModelBase):
     sha256: str = Field(description="sha256 of the weights file")
     size_bytes: int
     status: str = Field(description="ready | archived")
+    threshold: float | None = Field(
+        None, description="default probability threshold of predict (PATCH sets it); null: none"
+    )
+    temperature: float | None = Field(
+        None, description="predict divides the logits by it (fitted on held-out images)"
+    )
     created_at: dt.datetime
 
     @computed_field  # type: ignore[prop-decorator]
@@ -65,11 +108,33 @@ class ModelRead(ModelBase):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @computed_field(  # type: ignore[prop-decorator]
+        description="quality measured on images that did not train the model: `kind` is "
+        "holdout (held-out images: top1, top5, count), cross_validated (an estimate of "
+        "linear-probe quality on frozen features: top1 mean and top1_std over folds, "
+        "per-class recall) or none; `label` says which"
+    )
+    @property
+    def quality(self) -> dict[str, Any]:
+        return model_quality(self.metrics)
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def version(self) -> str:
         """The first 12 hex digits of the weights' sha256 (what predict answers with)."""
         return model_version(self.sha256)
+
+
+class ModelUpdate(BaseModel):
+    """What PATCH /v1/models/{id} changes; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"threshold": 0.6}]})
+
+    threshold: float | None = Field(
+        None,
+        description="predict leaves out classes below this probability (0-1), and marks an "
+        "image with none above it `below_threshold`; null removes the threshold",
+    )
 
 
 class ModelPage(BaseModel):
@@ -102,6 +167,11 @@ class PredictJson(BaseModel):
         description="base64 image files (JPEG, PNG, WebP, ...); a data: URL prefix is allowed"
     )
     top_k: int = Field(5, description="classes to return per image, most likely first (1-1000)")
+    threshold: float | None = Field(
+        None,
+        description="leave out classes below this probability (0-1); default: the model's "
+        "threshold (none if it has none); 0 keeps every class",
+    )
 
 
 class LabelProbability(BaseModel):
@@ -113,7 +183,13 @@ class ImagePrediction(BaseModel):
     """The top classes of one image."""
 
     filename: str | None = Field(None, description="the uploaded file's name (multipart only)")
-    top_k: list[LabelProbability]
+    top_k: list[LabelProbability] = Field(
+        description="the most likely classes, most likely first; only those at or above the "
+        "threshold when there is one"
+    )
+    below_threshold: bool = Field(
+        False, description="no class reaches the threshold: the model is not sure"
+    )
 
 
 class PredictResponse(BaseModel):
@@ -133,6 +209,7 @@ class PredictResponse(BaseModel):
                                 {"label": "crack", "probability": 0.91},
                                 {"label": "dent", "probability": 0.07},
                             ],
+                            "below_threshold": False,
                         }
                     ],
                     "time_ms": 38.2,
@@ -143,5 +220,8 @@ class PredictResponse(BaseModel):
 
     model_id: int
     model_version: str = Field(description="the first 12 hex digits of the weights' sha256")
+    threshold: float | None = Field(
+        None, description="the probability threshold applied (the request's or the model's)"
+    )
     predictions: list[ImagePrediction]
     time_ms: float = Field(description="time spent on the server, in milliseconds")

@@ -121,6 +121,7 @@ def model_row(
         base_model=info.base_model,
         plan=info.plan,
         metrics=info.metrics,
+        temperature=info.temperature,  # fitted on held-out images, when the job calibrated
         uri=uri,
         sha256=info.sha256,
         size_bytes=size_bytes,
@@ -129,7 +130,13 @@ def model_row(
 
 def model_ref(model: Model) -> ModelRef:
     """The plain values the inference cache needs (ORM rows stay in their session)."""
-    return ModelRef(id=model.id, uri=model.uri, sha256=model.sha256)
+    return ModelRef(
+        id=model.id,
+        uri=model.uri,
+        sha256=model.sha256,
+        threshold=model.threshold,
+        temperature=model.temperature,
+    )
 
 
 def archive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
@@ -146,6 +153,28 @@ def archive_model(session: Session, *, principal: Principal, model_id: int) -> M
             detail={"name": model.name},
         )
         session.commit()
+    return model
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """A probability threshold: None (keep every class) or a finite number in 0..1."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:  # NaN fails this too
+        raise ApiError(
+            422,
+            "invalid_threshold",
+            f"threshold must be a probability between 0 and 1 (or null for none), not "
+            f"{threshold}; pick one from the model's precision-recall curves",
+        )
+    return threshold
+
+
+def set_threshold(
+    session: Session, *, principal: Principal, model_id: int, threshold: float | None
+) -> Model:
+    """Set the model's default probability threshold (None: predict keeps every class)."""
+    model = get_model(session, principal=principal, model_id=model_id)
+    model.threshold = check_threshold(threshold)
+    session.commit()
     return model
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_bit_npz
+from tests.factories import make_bit_npz, make_image_folder
 
 
 def bit(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -55,7 +55,7 @@ def test_finetune_then_predict_then_eval(tmp_path: Path, train_folder: Path, val
         cwd=tmp_path,
     )
     assert trained.returncode == 0, trained.stderr
-    assert "model saved to model" in trained.stdout and "validation top-1" in trained.stdout
+    assert "model saved to model" in trained.stdout and "quality: held-out top-1" in trained.stdout
     assert "base_lr" not in trained.stderr  # lr was given: no scaling note
     assert (tmp_path / "model" / "model.json").exists()
 
@@ -96,6 +96,26 @@ def test_linear_mode_from_the_cli(tmp_path: Path, train_folder: Path):
     )
     assert trained.returncode == 0, trained.stderr
     assert json.loads((tmp_path / "lin" / "model.json").read_text())["plan"]["mode"] == "linear"
+    # Nothing held out (6 per class): the quality line is the cross-validated estimate.
+    assert "quality: top-1" in trained.stdout and "linear-probe" in trained.stdout
+
+
+@pytest.mark.slow
+def test_cli_holdout_and_calibrate(tmp_path: Path):
+    folder = make_image_folder(tmp_path / "data", per_class=8, seed=2)
+    npz = make_bit_npz(tmp_path / "base.npz", "R14x0.5", 10)
+    args = ["finetune", str(folder), "--base", str(npz), "--mode", "linear", "--crop", "32"]
+    trained = bit(*args, "--holdout", "0.25", "--calibrate", "--quiet", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert "6 images held out; they never train" in trained.stderr
+    assert "quality: held-out top-1" in trained.stdout and "on 6 images" in trained.stdout
+    assert "temperature" in trained.stdout
+    info = json.loads((tmp_path / "bit-model" / "model.json").read_text())
+    assert info["temperature"] == info["metrics"]["quality"]["calibration"]["temperature"]
+    both = bit(*args, "--holdout", "0.2", "--val", str(folder), cwd=tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr
+    alone = bit(*args, "--calibrate", cwd=tmp_path)
+    assert alone.returncode == 2 and "give --val or --holdout" in alone.stderr
 
 
 def test_user_errors_are_one_clear_line(tmp_path: Path, train_folder: Path):

@@ -77,3 +77,22 @@ def test_predictor_matches_evaluation_and_ranks_top_k(
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         predictor.top_k(probabilities, 0)
     assert len(predictor.top_k(probabilities, 99)[0]) == 3  # capped at the class count
+
+
+def test_predictor_applies_the_models_temperature(tmp_path: Path, train_folder: Path):
+    train = LabeledImages.from_folder(train_folder)
+    model = bit_core.create_model("R14x0.5", 3)
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))  # a confident, fixed answer
+    info = ModelInfo("R14x0.5", list(train.classes), crop=32, temperature=2.0)
+    save_model(tmp_path / "m", model, info)
+    plain = Predictor(model, list(train.classes), 32, device="cpu")
+    scaled = Predictor.load(tmp_path / "m", device="cpu")
+    assert scaled.temperature == 2.0 and plain.temperature is None
+    batch = scaled.preprocess([train.sources[0]])
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    expected = torch.softmax(logits / 2.0, dim=-1)
+    assert torch.allclose(scaled.probabilities(batch), expected, atol=1e-5)
+    assert torch.allclose(plain.probabilities(batch), torch.softmax(logits, -1), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        Predictor(model, list(train.classes), 32, device="cpu", temperature=0.0)

@@ -11,13 +11,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from bit_core.checkpoint import WEIGHTS_FILE
+from bit_core.quality import classification_report
 from service.app import create_app
 from service.db.artifacts import LocalArtifactStore
-from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, Model, Worker, utcnow
+from service.db.models import (
+    Dataset,
+    Evaluation,
+    Image,
+    Job,
+    JobEvent,
+    JobMetric,
+    Model,
+    Worker,
+    utcnow,
+)
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.e2e.conftest import service_env
@@ -71,13 +83,52 @@ class Seeded:
     dataset_id: int
     image_ids: list[int]
     jobs: dict[str, int]  # status (and "pretrain") -> job id
-    model_id: int  # with validation metrics
-    plain_model_id: int  # without: evaluated on its training images
+    model_id: int  # quality on held-out images, with a finished and a running evaluation
+    plain_model_id: int  # quality "none": nothing held out
+    cv_model_id: int  # a cross-validated estimate
+    evaluation_id: int  # the finished evaluation of model_id
+    running_evaluation_id: int  # newer, its job still running
+
+
+def synthetic_report(
+    classes: list[str], *, per_class: int = 20, seed: int = 0, margin: float = 1.5
+) -> dict[str, Any]:
+    """A classification report (bit_core.quality) of noisy predictions on synthetic labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(classes)), per_class)
+    logits = rng.normal(size=(len(labels), len(classes)))
+    logits[np.arange(len(labels)), labels] += margin
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return classification_report(probabilities, labels, list(classes))
+
+
+def stored_value_at(curve: dict[str, list[float]], threshold: float) -> tuple[float | None, float]:
+    """The contract, computed apart from the page: the smallest stored threshold >= t."""
+    thresholds = np.asarray(curve["thresholds"])
+    above = np.flatnonzero(thresholds >= threshold)
+    if not len(above):
+        return None, 0.0
+    i = above[np.argmin(thresholds[above])]
+    return curve["precision"][i], curve["recall"][i]
+
+
+CV_QUALITY = {
+    "kind": "cross_validated",
+    "method": "k-fold",
+    "folds": 4,
+    "top1": 0.75,
+    "top1_std": 0.125,
+    "fold_top1": [0.625, 0.875, 0.625, 0.875],
+    "per_class_recall": {"0": 1.0, "1": 0.5, "2": 0.75},
+    "count": 12,
+    "label": "estimate of linear-probe quality on frozen features",
+}
 
 
 def seed(settings: Settings, *, per_class: int = 4) -> Seeded:
     """What a working service leaves behind: a dataset with real images, jobs in every
-    status with curves and history, two models (with and without validation), workers."""
+    status with curves and history, three models (quality held out, none, cross-validated),
+    evaluations of the first (finished, and running), workers."""
     store = LocalArtifactStore(settings.artifacts_url)
     now = utcnow()
     with session_scope(settings.database_url) as session:
@@ -167,20 +218,16 @@ def seed(settings: Settings, *, per_class: int = 4) -> Seeded:
                 last_seen=now - dt.timedelta(hours=1),
             )
         )
-        confusion = [[3, 0, 0], [1, 2, 0], [0, 0, 3]]
-        validation = {
-            "count": 9,
-            "loss": 0.3,
-            "top1": 8 / 9,
-            "top5": 1.0,
-            "classes": CLASSES,
-            "confusion": confusion,
-            "per_class": {
-                name: {"precision": 0.9, "recall": 0.8 + 0.05 * i} for i, name in enumerate(CLASSES)
-            },
-        }
-        model_ids = []
-        for metrics in ({"train_loss": 0.1, "validation": validation}, {"train_loss": 0.2}):
+        held_out = synthetic_report(CLASSES, per_class=3, seed=1)
+        qualities = [
+            {"kind": "holdout", **{k: held_out[k] for k in ("top1", "top5", "count")}},
+            {"kind": "none", "label": "no held-out images and too few to cross-validate"},
+            CV_QUALITY,
+        ]
+        qualities[0]["report"] = held_out
+        model_ids: list[int] = []
+        for i, quality in enumerate(qualities):
+            metrics = {"train_loss": 0.1 + 0.1 * i, "train_top1": 1.0, "quality": quality}
             job = jobs["succeeded"]
             key = f"jobs/{job.id}/model-{len(model_ids)}"
             info = save_tiny_model(store.path(key), seed=len(model_ids))
@@ -202,13 +249,41 @@ def seed(settings: Settings, *, per_class: int = 4) -> Seeded:
             session.flush()
             model_ids.append(model.id)
         jobs["succeeded"].model_id = model_ids[0]
-        session.flush()
+        evaluation_ids = []
+        for status, results in (
+            ("succeeded", {**synthetic_report(CLASSES, seed=2), "temperature": 1.5}),
+            ("running", {}),
+        ):
+            job = Job(
+                tenant="acme",
+                kind="evaluate",
+                status=status,
+                dataset_id=dataset.id,
+                base_model="R14x0.5",
+                params={"model_id": model_ids[0], "split": "test"},
+            )
+            session.add(job)
+            session.flush()
+            evaluation = Evaluation(
+                tenant="acme",
+                model_id=model_ids[0],
+                job_id=job.id,
+                dataset_id=dataset.id,
+                split="test",
+                results=results,
+            )
+            session.add(evaluation)
+            session.flush()
+            evaluation_ids.append(evaluation.id)
         return Seeded(
             dataset_id=dataset.id,
             image_ids=[image.id for image in images],
             jobs={status: job.id for status, job in jobs.items()} | jobs_by_kind,
             model_id=model_ids[0],
             plain_model_id=model_ids[1],
+            cv_model_id=model_ids[2],
+            evaluation_id=evaluation_ids[0],
+            running_evaluation_id=evaluation_ids[1],
         )
 
 

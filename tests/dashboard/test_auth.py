@@ -27,7 +27,6 @@ PAGES = [
     "/admin/jobs/1",
     "/admin/models",
     "/admin/models/1",
-    "/admin/models/1/evaluation",
     "/admin/datasets",
     "/admin/datasets/1",
     "/admin/base-models",

@@ -14,9 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dashboard.conftest import LiveDashboard
+from service.dashboard.curves import PR_BOX
+from service.dashboard.templating import percent
+from service.db.models import Dataset, Evaluation, Job, Model
+from service.db.session import session_scope
+from tests.dashboard.conftest import CV_QUALITY, LiveDashboard, stored_value_at, synthetic_report
 from tests.e2e.live import labeled_uploads
-from tests.factories import class_png
+from tests.factories import CLASSES, class_png
 from tests.polling import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -144,6 +148,11 @@ def test_watch_a_job_train_then_open_its_model(
     assert page.locator("#progress-text").inner_text().startswith("120 / 120 steps")
     assert page.locator("#cancel-form").is_hidden()
     assert int(page.locator("#chart-lr").get_attribute("data-points")) == points[-1]
+    # 5 images per class: nothing held out, and the empty validation chart says why.
+    assert page.locator("#job").get_attribute("data-holdout") == "none"
+    assert page.locator("#chart-val").get_attribute("data-empty") == (
+        "no held-out images: see the model's cross-validated estimate"
+    )
     shot(page, artifacts, "job")
 
     # Keyboard: every control is reachable with Tab.
@@ -161,10 +170,12 @@ def test_watch_a_job_train_then_open_its_model(
 
     page.locator("#model-link a").click()
     page.wait_for_url("**/admin/models/*")
-    heatmap = page.locator("svg.heatmap")
-    heatmap.wait_for(timeout=120_000)  # evaluated on the training images in the background
-    assert heatmap.locator("rect").count() == 9  # 3 classes
-    assert "No validation set" in page.locator("#evaluation").inner_text()
+    # Too few images to hold any out: a cross-validated estimate, never numbers measured
+    # on the training images.
+    quality = page.locator("#quality")
+    assert quality.get_attribute("class").split()[-1] == "quality-cross_validated"
+    assert "an estimate of linear-probe quality on frozen features" in quality.inner_text()
+    assert "No validation set" not in page.content() and page.locator("svg.heatmap").count() == 0
     shot(page, artifacts, "model")
 
     page.get_by_label("Image file").set_input_files(
@@ -241,3 +252,115 @@ def test_cancel_a_running_job_from_the_ui(
     assert job["status"] == "cancelled" and job["step"] < 5000
     with httpx.Client(base_url=live_dashboard.url) as anonymous:  # the JSON needs a session
         assert anonymous.get(f"/admin/api/jobs/{job_id}").status_code == 401
+
+
+def seed_evaluated_model(live: LiveDashboard) -> tuple[int, dict[str, Any]]:
+    """A model row with one finished evaluation, written into the live service's database
+    (its files are not needed to show the page). The model id and the stored results."""
+    results = {**synthetic_report(CLASSES, seed=2), "temperature": 1.25}
+    with session_scope(f"sqlite:///{live.service.home / 'bit.db'}") as session:
+        dataset = Dataset(tenant="acme", name="shapes-test")
+        session.add(dataset)
+        session.flush()
+        model = Model(
+            tenant="acme", name="evaluated", arch="R14x0.5", classes=CLASSES, crop=32,
+            base_model="R14x0.5", plan={}, uri="models/none", sha256="0" * 64,
+            metrics={"train_loss": 0.1, "quality": CV_QUALITY}, temperature=1.25,
+        )  # fmt: skip
+        session.add(model)
+        session.flush()
+        job = Job(
+            tenant="acme", kind="evaluate", status="succeeded", dataset_id=dataset.id,
+            base_model="R14x0.5", params={"model_id": model.id, "split": "test"},
+        )  # fmt: skip
+        session.add(job)
+        session.flush()
+        session.add(
+            Evaluation(
+                tenant="acme",
+                model_id=model.id,
+                job_id=job.id,
+                dataset_id=dataset.id,
+                split="test",
+                results=results,
+            )
+        )
+        return model.id, results
+
+
+def polyline(page: Any) -> list[tuple[float, float]]:
+    points = page.locator("#pr-line").get_attribute("points").split()
+    return [(float(x), float(y)) for x, y in (p.split(",") for p in points)]
+
+
+def shown_at_threshold(page: Any) -> tuple[str, str]:
+    return page.locator("#at-precision").inner_text(), page.locator("#at-recall").inner_text()
+
+
+def test_the_pr_curve_and_the_threshold_slider(
+    context: Any, live_dashboard: LiveDashboard, artifacts: Path
+):
+    model_id, results = seed_evaluated_model(live_dashboard)
+    page = context.new_page()
+    sign_in(page, live_dashboard.admin_key)
+    page.wait_for_url("**/admin")
+    page.goto(f"/admin/models/{model_id}")
+
+    # The first class's curve is drawn, one vertex per stored point.
+    curves = [results["per_class"][name]["pr_curve"] for name in CLASSES]
+    assert len(polyline(page)) == len(curves[0]["precision"])
+    assert page.locator("#pr-marker").get_attribute("visibility") == "visible"
+    start = shown_at_threshold(page)
+    precision, recall = stored_value_at(curves[0], 0.5)
+    assert start == (percent(precision), percent(recall))
+
+    # Another class: the script draws its curve with the server's mapping.
+    page.locator("#pr-class").select_option(label=CLASSES[1])
+    expected = [
+        coordinate
+        for p, r in zip(curves[1]["precision"], curves[1]["recall"], strict=True)
+        for coordinate in (PR_BOX.x(r), PR_BOX.y(p))
+    ]
+    drawn = [coordinate for point in polyline(page) for coordinate in point]
+    assert drawn == pytest.approx(expected, abs=0.051)
+    assert page.locator("#pr-class-name").inner_text() == CLASSES[1]
+
+    # Move the slider: precision and recall read off the stored curve at that threshold.
+    before = shown_at_threshold(page)
+    slider = page.locator("#threshold")
+    for value in ("0.2", "0.7", "0.35"):
+        slider.fill(value)  # sets the range input and dispatches `input`
+        precision, recall = stored_value_at(curves[1], float(value))
+        assert shown_at_threshold(page) == (percent(precision), percent(recall)), value
+        assert page.locator("#threshold-value").inner_text() == f"{float(value):.2f}"
+        marker = page.locator("#pr-marker")
+        if precision is not None:
+            cx, cy = float(marker.get_attribute("cx")), float(marker.get_attribute("cy"))
+            assert (cx, cy) == pytest.approx((PR_BOX.x(recall), PR_BOX.y(precision)), abs=0.051)
+    assert shown_at_threshold(page) != before  # 0.35 is not 0.5 on this curve
+    shot(page, artifacts, "model-evaluated")
+    page.screenshot(path="/tmp/model_page.png", full_page=True)
+
+    # Save it as the model's default threshold.
+    page.get_by_role("button", name="Save as default threshold").click()
+    page.wait_for_url(f"**/admin/models/{model_id}?evaluation=*")
+    assert "default threshold 0.35" in page.locator(".flash").inner_text()
+    assert page.locator("#threshold").input_value() == "0.35"
+    with session_scope(f"sqlite:///{live_dashboard.service.home / 'bit.db'}") as session:
+        stored = session.get(Model, model_id)
+        assert stored is not None and stored.threshold == 0.35
+    assert "0.35: predict leaves out classes below it" in page.locator("#serving").inner_text()
+
+    phone = context.new_page()
+    phone.set_viewport_size(PHONE)
+    phone.goto(f"/admin/models/{model_id}")
+    width = phone.evaluate("document.documentElement.scrollWidth")
+    wide = phone.evaluate(
+        """() => [...document.querySelectorAll('main *')]
+        .filter(e => e.getBoundingClientRect().right > window.innerWidth
+                     && !e.closest('.table-wrap, .heatmap-scroll'))
+        .map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 8)"""
+    )
+    assert width <= PHONE["width"], f"the model page scrolls sideways ({width}px): {wide}"
+    shot(phone, artifacts, "model-evaluated-phone")
+    phone.close()

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from bit_core import weights
 from service.app import create_app
+from service.dashboard.curves import pr_points
+from service.dashboard.templating import percent
 from service.dashboard.thumbnails import SIZES
-from service.db.models import Image, Job, Worker
+from service.db.models import Evaluation, Image, Job, Model, Worker
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.dashboard.conftest import Seeded, csrf_of, seed, sign_in
+from tests.dashboard.conftest import Seeded, csrf_of, seed, sign_in, stored_value_at
 from tests.factories import CLASSES, class_png, make_bit_npz
-from tests.polling import wait_for
 from tests.service.conftest import new_key
 
 
@@ -85,7 +86,7 @@ def test_overview_warns_when_no_worker_is_alive(admin: TestClient, settings: Set
 
 def test_jobs_are_filtered_paginated_with_progress_and_eta(admin: TestClient, seeded: Seeded):
     html = admin.get("/admin/jobs").text
-    assert html.count("<progress") == 7
+    assert html.count("<progress") == 9  # 6 fine-tunes, 1 pre-training, 2 evaluations
     assert 'value="0.4000"' in html and "30 s" in html  # a running job's progress and ETA
     failed = admin.get("/admin/jobs?status=failed").text
     assert failed.count('href="/admin/jobs/') == 1
@@ -101,9 +102,9 @@ def test_the_jobs_list_pages_by_25(admin: TestClient, settings: Settings):
         for _ in range(30):
             session.add(Job(tenant="acme", kind="finetune", status="queued", base_model="x"))
     first = admin.get("/admin/jobs").text
-    assert first.count("<progress") == 25 and "Page 1 of 2 (37 in all)" in first
+    assert first.count("<progress") == 25 and "Page 1 of 2 (39 in all)" in first
     second = admin.get("/admin/jobs?page=2").text
-    assert second.count("<progress") == 12 and 'rel="prev"' in second
+    assert second.count("<progress") == 14 and 'rel="prev"' in second
 
 
 def test_a_failed_job_shows_plan_error_traceback_history_and_retry(
@@ -117,6 +118,25 @@ def test_a_failed_job_shows_plan_error_traceback_history_and_retry(
     running = admin.get(f"/admin/jobs/{seeded.jobs['running']}").text
     assert "resumed" in running and "123.4 img/s" in running and 'id="chart-loss"' in running
     assert not re.search(r'id="cancel-form"[^>]*hidden', running)
+
+
+def test_a_job_page_states_what_it_held_out(admin: TestClient, settings: Settings, seeded: Seeded):
+    job_id = seeded.jobs["succeeded"]
+    for source, ids, shown in (
+        ("auto", [1, 5], "held out 2 images (automatic: 20.0 % of each class, seed 3); they never"),
+        ("split", [4, 8, 12], "held out 3 images (the dataset's val split); they never train"),
+        ("none", [], "held out nothing: too few images per class; the model reports a cross-"),
+    ):
+        holdout = {"source": source, "fraction": 0.2, "seed": 3, "val_image_ids": ids}
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.params = {**job.params, "holdout": holdout}
+        html = admin.get(f"/admin/jobs/{job_id}").text
+        assert shown in text_of(html)
+        assert f'data-holdout="{source}"' in html
+        count = len(ids)
+        assert f"<dt>holdout.val_image_ids</dt><dd>{count} images</dd>" in html  # not the ids
 
 
 def test_a_pretrain_job_shows_its_upstream_plan(admin: TestClient, seeded: Seeded):
@@ -159,40 +179,178 @@ def test_cancel_and_retry_call_the_job_service(
     assert missing.status_code == 404
 
 
-def test_a_model_with_validation_shows_its_heat_map_and_per_class_table(
-    admin: TestClient, seeded: Seeded
+def evaluation_results(settings: Settings, evaluation_id: int) -> dict:
+    with session_scope(settings.database_url) as session:
+        evaluation = session.get(Evaluation, evaluation_id)
+        assert evaluation is not None
+        return dict(evaluation.results)
+
+
+def test_a_model_page_shows_held_out_quality_and_its_latest_finished_evaluation(
+    admin: TestClient, settings: Settings, seeded: Seeded
 ):
     html = admin.get(f"/admin/models/{seeded.model_id}").text
-    assert "On the validation set: 9 held-out images" in html
-    svg = re.search(r"<svg class=\"heatmap\".*?</svg>", html, re.S)
-    assert svg, html
-    assert svg.group(0).count("<rect") == len(CLASSES) ** 2
-    assert "true green_stripes, predicted red_square: 1 (33%)" in svg.group(0)
-    assert 'fill="#08306b"' in svg.group(0)  # a full row share is the darkest blue
+    page = text_of(html)
+    assert "Measured on 9 held-out images that never trained" in page
+    # Training-set numbers are never shown: not the accuracy on training images, nor a
+    # report said to be on them (the seeded metrics hold train_top1 = 1.0).
+    assert "train_top1" not in html and "training images (" not in page
+    assert "No validation set" not in page and "0.1" in page  # train_loss stays, labelled
+    # The newest evaluation is still running: the page details the newest finished one.
+    assert f"Report of evaluation {seeded.evaluation_id}: dataset {seeded.dataset_id}" in page
+    rows = html.split('class="evaluations"')[1].split("</table>")[0]
+    assert rows.count("<tr") == 3  # head + two evaluations, newest first
+    assert rows.index(f"Evaluation {seeded.running_evaluation_id}") < rows.index(
+        f"Evaluation {seeded.evaluation_id}"
+    )
+    assert "status-running" in rows and "status-succeeded" in rows
+
+    results = evaluation_results(settings, seeded.evaluation_id)
+    assert f"{100 * results['top1']:.1f} %" in page and f"{100 * results['map']:.1f} %" in page
+    ece = results["calibration"]["ece"]
+    assert f"expected calibration error {100 * ece:.1f} %" in page
+    assert "temperature 1.5 applied" in page
+    # The PR data the script reads are the stored curves, class by class.
+    block = re.search(r'<script type="application/json" id="pr-data">(.*?)</script>', html, re.S)
+    assert block is not None
+    data = json.loads(block.group(1))
+    assert data["classes"] == CLASSES
+    for name, curve in zip(CLASSES, data["curves"], strict=True):
+        assert curve == results["per_class"][name]["pr_curve"]
+    first = results["per_class"][CLASSES[0]]
+    points = re.search(r'<polyline id="pr-line" points="([^"]+)"', html)
+    assert points is not None
+    assert points.group(1) == pr_points(first["pr_curve"]["precision"], first["pr_curve"]["recall"])
+    assert len(points.group(1).split()) == len(first["pr_curve"]["precision"])
+    # The slider starts at 0.5 (no default threshold): P and R read off the stored curve.
+    precision, recall = stored_value_at(first["pr_curve"], 0.5)
+    assert 'type="range" min="0" max="1" step="0.01" value="0.50"' in html
+    shown = re.search(r'id="at-precision">([^<]+)<.*?id="at-recall">([^<]+)<', html, re.S)
+    assert shown is not None
+    assert shown.groups() == (percent(precision), percent(recall))
+    # Per-class table: precision, recall, F1, support, AP, the best-F1 threshold.
     table = text_of(html.split('class="per-class"')[1].split("</table>")[0])
-    assert "red_square 90.0 % 80.0 % 3" in table
-    assert "88.9 %" in html  # top-1
-    assert "Try it" in html and 'type="file"' in html and 'for="try-image"' in html
-
-
-def test_a_model_without_validation_is_evaluated_on_its_training_images(
-    admin: TestClient, seeded: Seeded
-):
-    url = f"/admin/models/{seeded.plain_model_id}"
-    assert 'data-ready="false"' in admin.get(url).text
-
-    def evaluated() -> list[httpx.Response]:  # the evaluation runs on a background thread
-        response = admin.get(f"{url}/evaluation")
-        return [] if response.status_code == 202 else [response]
-
-    [response] = wait_for(evaluated, 60, "the evaluation on the training images")
-    assert response.status_code == 200, response.text
-    assert "No validation set" in response.text and "training images (12)" in response.text
-    svg = re.search(r"<svg class=\"heatmap\".*?</svg>", response.text, re.S)
+    red = results["per_class"]["red_square"]
+    values = (red["precision"], red["recall"], red["f1"])
+    assert "red_square " + " ".join(f"{100 * v:.1f} %" for v in values) in table
+    assert f"20 {100 * red['ap']:.1f} %" in table
+    # Confusion matrix of the evaluation, and a reliability diagram of its non-empty bins.
+    svg = re.search(r"<svg class=\"heatmap\".*?</svg>", html, re.S)
     assert svg is not None
     counts = [int(n) for n in re.findall(r'class="hm-count"[^>]*>(\d+)<', svg.group(0))]
-    assert len(counts) == 9 and sum(counts) == 12
-    assert 'data-ready="true"' in admin.get(url).text  # computed once, then served
+    assert counts == [n for row in results["confusion"] for n in row] and sum(counts) == 60
+    reliability = html.split('id="reliability"')[1].split("</svg>")[0]
+    filled = [b for b in results["calibration"]["bins"] if b["count"]]
+    assert reliability.count('<g class="bin">') == len(filled)
+    # No script runs inline: the page's data is JSON, its code a static file.
+    assert not re.search(r"<script(?![^>]*(src=|application/json))", html)
+
+
+def test_other_reports_are_chosen_by_query(admin: TestClient, seeded: Seeded):
+    url = f"/admin/models/{seeded.model_id}"
+    running = text_of(admin.get(f"{url}?evaluation={seeded.running_evaluation_id}").text)
+    assert "The evaluation is running: its results show here when job" in running
+    held_out = admin.get(f"{url}?evaluation=holdout").text
+    assert "Report on the held-out images of training" in text_of(held_out)
+    assert 'id="pr-data"' in held_out
+    unknown = text_of(admin.get(f"{url}?evaluation=999").text)  # the default again
+    assert f"Report of evaluation {seeded.evaluation_id}" in unknown
+    assert admin.get(f"{url}/evaluation").status_code == 404  # no training-image evaluation
+
+
+def test_a_model_with_nothing_held_out_says_so(admin: TestClient, seeded: Seeded):
+    html = admin.get(f"/admin/models/{seeded.plain_model_id}").text
+    page = text_of(html)
+    assert "Nothing held out exists for this model" in page
+    assert "no held-out images and too few to cross-validate" in page
+    assert "split=val" in page and "run an evaluation below" in page
+    assert "No evaluations yet." in page and "No report to show" in page
+    assert "top-1 accuracy" not in page and "heatmap" not in html and "train_top1" not in html
+
+
+def test_a_cross_validated_estimate_is_labelled_as_one(admin: TestClient, seeded: Seeded):
+    page = text_of(admin.get(f"/admin/models/{seeded.cv_model_id}").text)
+    assert "An estimate, not a measurement of this model" in page
+    assert "top-1 mean ± std over 4 folds (k-fold) of 12 images" in page
+    assert "an estimate of linear-probe quality on frozen features" in page
+    assert "75.0 % ± 12.5 %" in page
+    # Recall keyed by class index reads as class names.
+    assert f"{CLASSES[1]} 50.0 %" in page and f"{CLASSES[2]} 75.0 %" in page
+
+
+def test_the_models_list_shows_quality_never_training_accuracy(admin: TestClient):
+    page = text_of(admin.get("/admin/models").text)
+    assert "on 9 held out" in page
+    assert "75.0 % ± 12.5 % cross-validated estimate" in page
+    assert "not measured" in page
+    assert "100.0 %" not in page  # train_top1 of the seeded models
+
+
+def test_the_threshold_form_sets_the_model_default(
+    admin: TestClient, settings: Settings, seeded: Seeded
+):
+    url = f"/admin/models/{seeded.model_id}"
+    token = csrf_of(admin.get(url).text)
+
+    def threshold() -> float | None:
+        with session_scope(settings.database_url) as session:
+            model = session.get(Model, seeded.model_id)
+            assert model is not None
+            return model.threshold
+
+    form = {"csrf_token": token, "threshold": "0.42", "evaluation": str(seeded.evaluation_id)}
+    saved = admin.post(f"{url}/threshold", data=form, follow_redirects=False)
+    assert saved.status_code == 303
+    assert saved.headers["location"] == f"{url}?evaluation={seeded.evaluation_id}#threshold-h"
+    assert threshold() == 0.42
+    page = admin.get(saved.headers["location"]).text
+    assert f"Model {seeded.model_id}: default threshold 0.42." in text_of(page)
+    assert "0.42: predict leaves out classes below it" in text_of(page)
+    assert 'step="0.01" value="0.42"' in page  # the slider starts at the default
+    first = evaluation_results(settings, seeded.evaluation_id)["per_class"][CLASSES[0]]
+    precision, recall = stored_value_at(first["pr_curve"], 0.42)
+    assert f'id="at-precision">{percent(precision)}<' in page
+    assert f'id="at-recall">{percent(recall)}<' in page
+
+    refused = admin.post(f"{url}/threshold", data={**form, "threshold": "1.5"})
+    assert "threshold must be a probability between 0 and 1" in refused.text
+    assert "not a number" in admin.post(f"{url}/threshold", data={**form, "threshold": "x"}).text
+    assert threshold() == 0.42
+    forged = admin.post(f"{url}/threshold", data={**form, "csrf_token": "x"})
+    assert forged.status_code == 403 and threshold() == 0.42
+    cleared = admin.post(f"{url}/threshold", data={**form, "clear": "1"})
+    assert "default threshold none" in cleared.text and threshold() is None
+    missing = admin.post("/admin/models/999/threshold", data=form)
+    assert missing.status_code == 404
+
+
+def test_run_evaluation_creates_one_with_its_job(
+    admin: TestClient, settings: Settings, seeded: Seeded
+):
+    url = f"/admin/models/{seeded.model_id}"
+    token = csrf_of(admin.get(url).text)
+    form = {"csrf_token": token, "dataset_id": str(seeded.dataset_id), "split": "val"}
+    created = admin.post(f"{url}/evaluations", data=form, follow_redirects=False)
+    assert created.status_code == 303, created.text
+    with session_scope(settings.database_url) as session:
+        newest = session.scalars(
+            select(Evaluation)
+            .where(Evaluation.model_id == seeded.model_id)
+            .order_by(Evaluation.id.desc())
+        ).first()
+        assert newest is not None and newest.split == "val" and newest.results == {}
+        job = session.get(Job, newest.job_id)
+        assert job is not None and job.kind == "evaluate"
+    assert created.headers["location"] == f"{url}?evaluation={newest.id}#report-h"
+    page = text_of(admin.get(created.headers["location"]).text)
+    assert f"Evaluation {newest.id} queued as job {job.id}" in page
+    assert f"Report of evaluation {newest.id}" in page
+    refused = admin.post(f"{url}/evaluations", data={**form, "dataset_id": "999"})
+    assert "dataset 999" in text_of(refused.text)
+    bad = admin.post(f"{url}/evaluations", data={**form, "dataset_id": "", "split": "x"})
+    assert "Give the id of a dataset" in bad.text
+    forged = admin.post(f"{url}/evaluations", data={**form, "csrf_token": "x"})
+    assert forged.status_code == 403
 
 
 def test_try_it_classifies_an_uploaded_image(admin: TestClient, seeded: Seeded):
@@ -219,7 +377,8 @@ def test_datasets_show_class_counts_and_thumbnails(admin: TestClient, seeded: Se
     assert f"Dataset {seeded.dataset_id} shapes 3 12 acme" in listing
     html = admin.get(f"/admin/datasets/{seeded.dataset_id}").text
     assert html.count('src="/admin/thumbnails/') == 12
-    assert "red_square 3 1" in text_of(html)  # train, validation
+    assert "red_square 3 1 0" in text_of(html)  # train, val, test
+    assert "All classes 9 3 0" in text_of(html)
     assert "datasets/" not in html  # no artifact key, no raw file link
 
 

@@ -6,12 +6,16 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from service.dashboard.evaluation import _round_robin
+from bit_core.quality import precision_recall_curve
+from service.dashboard.curves import RELIABILITY_BOX, reliability_bars, value_at
+from service.dashboard.evaluation import _thin, model_quality, report_view, training_metrics
 from service.dashboard.heatmap import MAX_HEATMAP_CLASSES, heatmap, top_confusions
-from service.dashboard.queries import plan_rows, queue_depths
+from service.dashboard.queries import holdout_of, plan_rows, queue_depths
 from service.dashboard.templating import duration
+from service.db.models import Model
 from service.queueing import celery_client, enqueue_job, enqueue_webhook
 from tests.service.conftest import REDIS_URL, make_settings
 
@@ -93,9 +97,72 @@ def test_durations_read_like_a_person_writes_them(seconds, text):
     assert duration(seconds) == text
 
 
-def test_the_training_image_sample_takes_every_class_in_turn():
-    rows = [("a", f"a{i}", f"sha-a{i}") for i in range(10)]
-    rows += [("b", "b0", "sha-b0"), ("c", "c0", "sha-c0"), ("c", "c1", "sha-c1")]
-    chosen = _round_robin(rows, 5)
-    assert [label for label, _, _ in chosen] == ["a", "b", "c", "a", "c"]
-    assert len(_round_robin(rows, 100)) == len(rows)
+def test_a_threshold_reads_the_stored_curve_like_predictions_at_that_threshold():
+    rng = np.random.default_rng(0)
+    positives = rng.random(200) < 0.3
+    scores = np.clip(0.35 * positives + rng.random(200) * 0.65, 0, 1).round(3)  # with ties
+    precision, recall, thresholds = precision_recall_curve(scores, positives)
+    curve = {"precision": precision.tolist(), "recall": recall.tolist(),
+             "thresholds": thresholds.tolist()}  # fmt: skip
+    for t in np.linspace(thresholds.min(), thresholds.max(), 37):
+        predicted = scores >= t  # what a prediction at threshold t would keep
+        tp = int((predicted & positives).sum())
+        expected = (tp / predicted.sum(), tp / positives.sum())
+        assert value_at(curve, float(t)) == pytest.approx(expected), t
+    assert value_at(curve, float(thresholds.max()) + 1e-6) == (None, 0.0)  # nothing kept
+
+
+def test_thinned_curves_keep_their_ends_and_stay_aligned():
+    thresholds = [i / 1000 for i in range(1000)]
+    curve = {
+        "precision": [t / 2 for t in thresholds] + [1.0],
+        "recall": [1 - t for t in thresholds] + [0.0],
+        "thresholds": thresholds,
+    }
+    thin = _thin(curve, 100)
+    assert len(thin["thresholds"]) == 100 and len(thin["precision"]) == 101
+    assert thin["precision"][-1] == 1.0 and thin["recall"][-1] == 0.0
+    for p, r, t in zip(thin["precision"], thin["recall"], thin["thresholds"], strict=False):
+        assert (p, r) == (t / 2, 1 - t)
+    assert _thin(curve, 5000) == curve
+
+
+def test_reliability_bars_skip_empty_bins_and_sit_on_the_axis():
+    bins = [
+        {"lower": 0.0, "upper": 0.5, "count": 0, "confidence": 0.0, "accuracy": 0.0},
+        {"lower": 0.5, "upper": 1.0, "count": 4, "confidence": 0.8, "accuracy": 0.5},
+    ]
+    [bar] = reliability_bars(bins)
+    assert bar.y + bar.height == RELIABILITY_BOX.y(0.0)
+    assert bar.y == RELIABILITY_BOX.y(0.5) and bar.confidence_y == RELIABILITY_BOX.y(0.8)
+    assert "4 images" in bar.title
+
+
+def test_accuracy_on_training_images_is_left_out_of_the_training_metrics():
+    metrics = {"train_loss": 0.2, "train_top1": 1.0, "train_accuracy": 1.0, "val_top1": 0.8}
+    assert training_metrics(metrics) == {"train_loss": 0.2, "val_top1": 0.8}
+
+
+def test_a_job_hold_out_is_summarised():
+    params = {"holdout": {"source": "auto", "fraction": 0.2, "seed": 0, "val_image_ids": [4, 9]}}
+    assert holdout_of(params) == {"source": "auto", "count": 2, "fraction": 0.2, "seed": 0}
+    assert holdout_of({}) is None
+    assert ("holdout.val_image_ids", "2 images") in plan_rows(params)
+
+
+def test_older_models_and_reports_still_read():
+    validation = {
+        "count": 6,
+        "top1": 0.5,
+        "top5": 1.0,
+        "classes": ["a", "b"],
+        "confusion": [[2, 1], [2, 1]],
+        "per_class": {"a": {"precision": 0.5}},
+    }
+    legacy = Model(metrics={"train_loss": 0.3, "validation": validation})
+    quality = model_quality(legacy)
+    assert quality["kind"] == "holdout" and quality["count"] == 6
+    view = report_view(quality["report"], threshold=None)
+    assert view["curves"] == {} and "calibration" not in view  # drawn as "no curves stored"
+    assert [row["support"] for row in view["rows"]] == [3, 3]  # from the confusion rows
+    assert model_quality(Model(metrics={"train_loss": 0.3}))["kind"] == "none"

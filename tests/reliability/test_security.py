@@ -67,6 +67,9 @@ ROUTE_SCOPES = {
     ("GET", "/v1/models/{model_id}"): {"models:read"},
     ("POST", "/v1/models/{model_id}/archive"): {"models:write"},
     ("DELETE", "/v1/models/{model_id}"): {"models:write"},
+    # An evaluation is a job (it counts against the active-jobs quota) reading a model and a
+    # dataset the caller sees; reading evaluations is reading the model.
+    ("POST", "/v1/models/{model_id}/evaluations"): {"jobs:write"},
     ("GET", "/v1/base-models"): {"models:read"},
     ("POST", "/v1/predict"): {"predict"},
     ("GET", "/v1/quotas"): {"datasets:read"},  # a tenant's own limits and usage
@@ -76,6 +79,10 @@ ROUTE_SCOPES = {
     ("DELETE", "/v1/keys/{prefix}"): {"admin"},
 }
 RESOURCES = ("datasets", "jobs", "models")
+# A valid body for routes that need one, so that a request reaches the id checks.
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("PATCH", "/v1/datasets/{dataset_id}/images/{image_id}"): {"split": "val"},
+}
 PARAM = re.compile(r"\{(\w+)\}")
 
 
@@ -292,7 +299,8 @@ def test_another_tenants_ids_answer_404_on_every_route(
         if not path.startswith("/v1/") or not params or "admin" in route_scopes(route):
             continue
         checked += 1
-        response = client.request(method, fill(path, ids), headers=stranger)
+        body = BODIES.get((method, path))
+        response = client.request(method, fill(path, ids), json=body, headers=stranger)
         expected = f"{kinds[params[0]]}_not_found"
         if (response.status_code, error_code(response)) != (404, expected):
             wrong.append(f"{method} {path}: {response.status_code} {response.text[:120]}")

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.dashboard.evaluation import TrainingEvaluations
 from service.db.artifacts import LocalArtifactStore
 from service.inference.batcher import Batcher
 from service.inference.cache import ModelCache, ModelRef, load_from_store
 from service.inference.inference import Inference
+from service.inference.threads import to_fresh_thread
 from tests.factories import png_bytes
 
 SETTLE_S = 10.0  # a team of an exited thread leaves within this
@@ -63,13 +63,10 @@ async def serve(store: LocalArtifactStore, ref: ModelRef) -> dict[str, Any]:
     names = [f"{i}" for i in range(8)]
     for _ in range(3):  # concurrent calls: decode threads and the forward thread all busy
         await asyncio.gather(*(inference.predict(ref, images, names, top_k=1) for _ in range(3)))
-    evaluations = TrainingEvaluations(store.root / "cache")
+    # Occasional heavy work (here a forward outside the batcher) on a fresh thread.
     predictor = await inference.predictor(ref)
     rows = predictor.preprocess(images)
-    evaluations.get(ref, lambda: {"rows": len(predictor.probabilities(rows))})
-    deadline = time.monotonic() + SETTLE_S
-    while evaluations.get(ref, dict) is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await to_fresh_thread(lambda: len(predictor.probabilities(rows)), name="bit-probe")
     expected = before + torch.get_num_threads() - 1  # the forward thread's team alone
     after = settled(expected)
     await inference.aclose()

@@ -15,7 +15,7 @@ from service.db.models import Job, WebhookDelivery, Worker, utcnow
 from service.db.session import session_scope
 from service.jobs.status import JobStatus
 from service.metrics import WorkerMetrics
-from service.settings import QUEUES, Settings
+from service.settings import JOB_KINDS, Settings
 from tests.polling import free_port
 from tests.service.conftest import make_settings
 
@@ -61,7 +61,7 @@ def test_every_status_and_kind_is_counted_zero_included(client: TestClient, sett
         for (name, labels), value in scraped.items()
         if name == "bit_jobs"
     }
-    expected = {(status.value, kind): 0.0 for status in JobStatus for kind in QUEUES}
+    expected = {(status.value, kind): 0.0 for status in JobStatus for kind in JOB_KINDS}
     expected[("queued", "finetune")] = 2
     expected[("failed", "pretrain")] = 1
     assert counted == expected

@@ -17,9 +17,9 @@ from worker.reconciler import queue_depths, reconcile
 from worker.webhook import deliver
 
 
-def new_job(settings: Settings, **values: object) -> int:
+def new_job(settings: Settings, kind: str = "finetune", **values: object) -> int:
     with session_scope(settings.database_url) as session:
-        job = Job(tenant="acme", kind="finetune", base_model="R14x0.5", params={}, **values)
+        job = Job(tenant="acme", kind=kind, base_model="R14x0.5", params={}, **values)
         session.add(job)
         session.flush()
         return job.id
@@ -83,6 +83,20 @@ def test_reconciler_requeues_dead_runs_and_resends_lost_messages(settings: Setti
     assert queue_depths(celery_client(settings))["finetune"] == 2
     with session_scope(settings.database_url) as session:
         # A second pass finds nothing new: the re-sent messages are waiting in the queue.
+        assert reconcile(session, settings) == []
+
+
+def test_lost_evaluation_jobs_are_resent_on_the_finetune_queue(settings: Settings):
+    long_ago = utcnow() - dt.timedelta(seconds=settings.queued_grace_s + 5)
+    lost = [
+        new_job(settings, kind=kind, status="queued", enqueued_at=long_ago)
+        for kind in ("evaluate", "finetune")
+    ]
+    with session_scope(settings.database_url) as session:
+        assert sorted(reconcile(session, settings)) == sorted(lost)
+    # Both kinds share the queue: one message each, and a second pass sees them there.
+    assert queue_depths(celery_client(settings))["finetune"] == 2
+    with session_scope(settings.database_url) as session:
         assert reconcile(session, settings) == []
 
 

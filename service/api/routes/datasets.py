@@ -1,5 +1,6 @@
 """Dataset endpoints: upload (files + labels, or a zip of class folders), append, list,
-read, delete. HTTP only: parsing and checks live in service.datasets."""
+read, delete; list a dataset's images and move one to another split. HTTP only: parsing
+and checks live in service.datasets."""
 
 from __future__ import annotations
 
@@ -8,10 +9,18 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 
 from service.datasets import service
-from service.datasets.schemas import DatasetPage, DatasetRead, DatasetUploadRead
-from service.datasets.uploads import UPLOAD_ERROR_CODES, archive_stem, parse_upload
+from service.datasets.schemas import (
+    DatasetPage,
+    DatasetRead,
+    DatasetUploadRead,
+    ImagePage,
+    ImageRead,
+    ImageUpdate,
+)
+from service.datasets.uploads import SPLITS, UPLOAD_ERROR_CODES, archive_stem, parse_upload
 from service.deps import (
     AUTH_RESPONSES,
+    BODY_ERRORS,
     DatasetReader,
     DatasetWriter,
     IdPath,
@@ -25,6 +34,8 @@ from service.quotas import STORAGE_QUOTA_ERRORS
 
 UPLOAD_ERRORS = error_responses(*UPLOAD_ERROR_CODES, *STORAGE_QUOTA_ERRORS)
 NOT_FOUND = error_responses((404, "dataset_not_found", "dataset 7 does not exist"))
+IN_USE = (409, "dataset_in_use", "dataset 7 is used by job(s) [12] ...")
+INVALID_SPLIT = (422, "invalid_split", "split: 'dev' is not one of train, val, test; ...")
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -48,7 +59,24 @@ LabelsForm = Annotated[
 ]
 ArchiveForm = Annotated[
     UploadFile | None,
-    File(description="instead of files + labels: a zip whose top-level folders are the classes"),
+    File(
+        description="instead of files + labels: a zip whose top-level folders are the classes, "
+        "or are train/, val/ and test/ folders that hold the class folders"
+    ),
+]
+SplitForm = Annotated[
+    str | None,
+    Form(
+        description=f"the split ({', '.join(SPLITS)}) of every image sent (default train); val "
+        "images never train, test images only serve evaluations"
+    ),
+]
+SplitsForm = Annotated[
+    list[str] | None,
+    Form(
+        description="instead of `split`: the split of each file, one field per file in the "
+        'same order, or one field holding a JSON array (`["train", "val"]`)'
+    ),
 ]
 
 
@@ -68,9 +96,13 @@ def create_dataset(
     labels: LabelsForm = None,
     archive: ArchiveForm = None,
     name: Annotated[str, Form(max_length=256, description="defaults to the zip's name")] = "",
+    split: SplitForm = None,
+    splits: SplitsForm = None,
 ) -> DatasetUploadRead:
     """Upload images with their labels (or a zip of class folders) as a new dataset."""
-    items = parse_upload(files=files, labels=labels, archive=archive, settings=settings)
+    items = parse_upload(
+        files=files, labels=labels, archive=archive, settings=settings, split=split, splits=splits
+    )
     dataset = service.create_dataset(
         session,
         store,
@@ -97,10 +129,14 @@ def append_images(
     files: FilesForm = None,
     labels: LabelsForm = None,
     archive: ArchiveForm = None,
+    split: SplitForm = None,
+    splits: SplitsForm = None,
 ) -> DatasetUploadRead:
     """Add labelled images (or a zip of class folders) to a dataset; duplicates are skipped."""
     dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
-    items = parse_upload(files=files, labels=labels, archive=archive, settings=settings)
+    items = parse_upload(
+        files=files, labels=labels, archive=archive, settings=settings, split=split, splits=splits
+    )
     added = service.append_images(session, store, settings, dataset=dataset, items=items)
     return service.describe_upload(session, dataset, added=added, sent=len(items))
 
@@ -133,10 +169,7 @@ def get_dataset(dataset_id: IdPath, principal: DatasetReader, session: SessionDe
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     summary="Delete a dataset and its images",
-    responses={
-        **NOT_FOUND,
-        **error_responses((409, "dataset_in_use", "dataset 7 is used by job(s) [12] ...")),
-    },
+    responses={**NOT_FOUND, **error_responses(IN_USE)},
 )
 def delete_dataset(
     dataset_id: IdPath, principal: DatasetWriter, session: SessionDep, store: StoreDep
@@ -144,3 +177,57 @@ def delete_dataset(
     """Delete a dataset, its image rows and stored images; refused while a job uses it."""
     service.delete_dataset(session, store, dataset_id=dataset_id, principal=principal)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{dataset_id}/images",
+    response_model=ImagePage,
+    summary="List a dataset's images",
+    responses={**NOT_FOUND, **error_responses(INVALID_SPLIT)},
+)
+def list_images(
+    dataset_id: IdPath,
+    principal: DatasetReader,
+    session: SessionDep,
+    split: Annotated[str | None, Query(description="train | val | test")] = None,
+    label: Annotated[str | None, Query(max_length=256, description="one class")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: OffsetQuery = 0,
+) -> ImagePage:
+    """A page of a dataset's images (oldest first) with their class and split."""
+    dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
+    rows, total = service.list_images(
+        session, dataset=dataset, split=split, label=label, limit=limit, offset=offset
+    )
+    return ImagePage(
+        items=[ImageRead.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.patch(
+    "/{dataset_id}/images/{image_id}",
+    response_model=ImageRead,
+    summary="Move an image to another split",
+    responses=error_responses(
+        *BODY_ERRORS,
+        (404, "dataset_not_found", "dataset 7 does not exist"),
+        (404, "image_not_found", "image 41 is not in dataset 7; list its images ..."),
+        IN_USE,
+        INVALID_SPLIT,
+    ),
+)
+def update_image(
+    dataset_id: IdPath,
+    image_id: IdPath,
+    body: ImageUpdate,
+    principal: DatasetWriter,
+    session: SessionDep,
+) -> ImageRead:
+    """Move an image to the train, val or test split; refused while a job uses the dataset."""
+    image = service.move_image(
+        session, dataset_id=dataset_id, image_id=image_id, split=body.split, principal=principal
+    )
+    return ImageRead.model_validate(image)

@@ -118,6 +118,12 @@ def finetune_upload(
     overrides: Annotated[str, Form(description="JSON object of plan overrides")] = "{}",
     callback_url: Annotated[str | None, Form()] = None,
     name: Annotated[str, Form(max_length=256)] = "",
+    split: Annotated[
+        str | None, Form(description="train | val | test, for every file (default train)")
+    ] = None,
+    splits: Annotated[
+        list[str] | None, Form(description="instead of `split`: one split per file, in order")
+    ] = None,
 ) -> JobRead:
     """Upload labeled images and fine-tune on them in one call (a dataset is created)."""
     field = "overrides"
@@ -135,7 +141,7 @@ def finetune_upload(
     check_callback_url(settings, url)
     # The job's quotas too (the dataset's are checked as it is created, before storing).
     check_new_job(session, settings, tenant=principal.tenant, kind="finetune")
-    items = parse_multipart_items(files, labels, settings)
+    items = parse_multipart_items(files, labels, settings, split=split, splits=splits)
     dataset = create_dataset(
         session, store, settings, tenant=principal.tenant, name=name, items=items
     )
@@ -160,7 +166,7 @@ def list_jobs(
         str | None,
         Query(alias="status", pattern="^(queued|running|cancelling|succeeded|failed|cancelled)$"),
     ] = None,
-    kind: Annotated[str | None, Query(pattern="^(finetune|pretrain)$")] = None,
+    kind: Annotated[str | None, Query(pattern="^(finetune|pretrain|evaluate)$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: OffsetQuery = 0,
 ) -> JobPage:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 
 from service.deps import (
     ADMIN_ERRORS,
     AUTH_RESPONSES,
+    BODY_ERRORS,
     SCOPE_ERRORS,
     IdPath,
     ModelReader,
@@ -21,7 +22,7 @@ from service.errors import error_responses
 from service.inference.inference import InferenceDep
 from service.lookups import LookupsDep
 from service.models import service
-from service.models.schemas import ModelPage, ModelRead
+from service.models.schemas import ModelPage, ModelRead, ModelUpdate
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
 
@@ -70,6 +71,38 @@ def list_models(
 def get_model(model_id: IdPath, session: SessionDep, principal: ModelReader) -> ModelRead:
     """A model's classes, metrics, base model, training plan and job."""
     model = service.get_model(session, principal=principal, model_id=model_id)
+    return ModelRead.model_validate(model)
+
+
+@router.patch(
+    "/{model_id}",
+    response_model=ModelRead,
+    summary="Change a model's settings",
+    responses={
+        **NOT_FOUND,
+        **error_responses(
+            *BODY_ERRORS,
+            (422, "invalid_threshold", "threshold must be a probability between 0 and 1 ..."),
+        ),
+    },
+)
+def update_model(
+    model_id: IdPath,
+    session: SessionDep,
+    principal: ModelWriter,
+    lookups: LookupsDep,
+    body: Annotated[ModelUpdate | None, Body()] = None,
+) -> ModelRead:
+    """Set a model's default probability threshold for predict (null: none)."""
+    # The body is optional to FastAPI so that a missing model answers 404 before the 422.
+    model = service.get_model(session, principal=principal, model_id=model_id)
+    if body is not None and "threshold" in body.model_fields_set:
+        model = service.set_threshold(
+            session, principal=principal, model_id=model_id, threshold=body.threshold
+        )
+        # This process predicts with the new threshold from the next request on; others
+        # once their lookup of the model expires (BIT_LOOKUP_CACHE_S).
+        lookups.forget_model(model_id)
     return ModelRead.model_validate(model)
 
 

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from bit_core.predict import Prediction
 from service.db.models import MAX_ID
 from service.deps import AUTH_RESPONSES, Predictor, SettingsDep
 from service.errors import ApiError
@@ -47,6 +48,12 @@ _MULTIPART_SCHEMA = {
             "description": f"1 to {service.MAX_IMAGES_PER_REQUEST} image files",
         },
         "top_k": {"type": "integer", "default": 5, "minimum": 1, "maximum": service.MAX_TOP_K},
+        "threshold": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "leave out classes below this probability; default: the model's",
+        },
     },
 }
 _OPENAPI_BODY = {
@@ -66,8 +73,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "`too_many_images`, `image_too_large`, `upload_too_large`"},
     415: {"description": "`unsupported_media_type`"},
     422: {
-        "description": "`invalid_top_k`, `invalid_base64`, `invalid_image`, `no_images`, "
-        "`invalid_request`"
+        "description": "`invalid_top_k`, `invalid_threshold`, `invalid_base64`, `invalid_image`, "
+        "`no_images`, `invalid_request`"
     },
 }
 
@@ -80,6 +87,7 @@ class _Inputs:
     names: list[str]  # how errors refer to each image
     filenames: list[str | None]  # echoed in the answer (multipart only)
     encoded: list[str] | None = None  # JSON: base64, decoded once the model is known
+    threshold: float | None = None  # the request's; None: the model's
 
 
 def _form_int(value: object, field: str, code: str) -> int:
@@ -87,6 +95,20 @@ def _form_int(value: object, field: str, code: str) -> int:
         return int(str(value))
     except ValueError:
         raise ApiError(422, code, f"{field} must be an integer, got {str(value)[:40]!r}") from None
+
+
+def _form_threshold(value: object) -> float | None:
+    if value is None or str(value).strip() == "":
+        return None
+    try:
+        threshold = float(str(value))
+    except ValueError:
+        raise ApiError(
+            422,
+            "invalid_threshold",
+            f"threshold must be a number between 0 and 1, got {str(value)[:40]!r}",
+        ) from None
+    return service.check_threshold(threshold)
 
 
 async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
@@ -107,6 +129,7 @@ async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
                 422, "invalid_request", f"model_id must be 1 to {MAX_ID}, got {model_id}"
             )
         top_k = service.check_top_k(_form_int(form.get("top_k", 5), "top_k", "invalid_top_k"))
+        threshold = _form_threshold(form.get("threshold"))
         files = form.getlist("files")
         service.check_image_count(len(files))
         sources, names = [], []
@@ -119,7 +142,7 @@ async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
             service.check_image_size(name, upload.size or 0, settings.max_image_bytes)
             sources.append(await upload.read())
             names.append(name)
-        return _Inputs(model_id, top_k, sources, names, list(names))
+        return _Inputs(model_id, top_k, sources, names, list(names), threshold=threshold)
     finally:
         await form.close()
 
@@ -137,9 +160,10 @@ async def _read_json(request: Request) -> _Inputs:
             422, "invalid_request", f"invalid request: {summary}", problems=problems
         ) from exc
     top_k = service.check_top_k(body.top_k)
+    threshold = service.check_threshold(body.threshold)
     service.check_image_count(len(body.images))
     names = [f"images[{i}]" for i in range(len(body.images))]
-    return _Inputs(body.model_id, top_k, [], names, [None] * len(names), body.images)
+    return _Inputs(body.model_id, top_k, [], names, [None] * len(names), body.images, threshold)
 
 
 def _decode_all(encoded: list[str], max_bytes: int) -> list[bytes]:
@@ -165,6 +189,9 @@ async def predict(
     inference: InferenceDep,
 ) -> PredictResponse:
     """Top-k classes per image: multipart `files` + `model_id`, or JSON base64 `images`.
+
+    Classes below the `threshold` (the request's, else the model's) are left out; an image
+    with none at or above it is `below_threshold`, so an app can answer "not sure".
 
     The `Server-Timing` header splits the time: `decode` (the images), `wait` (for the
     forward thread, batching included), `forward` (the model), `total` (= `time_ms`).
@@ -193,17 +220,29 @@ async def predict(
     results = await inference.predict(
         model.ref, inputs.sources, inputs.names, top_k=inputs.top_k, timing=timing
     )
+    threshold = model.ref.threshold if inputs.threshold is None else inputs.threshold
+    predictions = [
+        _prediction(filename, row, threshold)
+        for filename, row in zip(inputs.filenames, results, strict=True)
+    ]
     took = time.perf_counter() - began
     response.headers["Server-Timing"] = timing.header(took)
     return PredictResponse(
         model_id=model.ref.id,
         model_version=model_version(model.ref.sha256),
-        predictions=[
-            ImagePrediction(
-                filename=filename,
-                top_k=[LabelProbability(label=p.label, probability=p.probability) for p in row],
-            )
-            for filename, row in zip(inputs.filenames, results, strict=True)
-        ],
+        threshold=threshold,
+        predictions=predictions,
         time_ms=round(took * 1000, 2),
+    )
+
+
+def _prediction(
+    filename: str | None, row: list[Prediction], threshold: float | None
+) -> ImagePrediction:
+    """One image's answer: its top-k classes, those below `threshold` left out."""
+    kept = row if threshold is None else [p for p in row if p.probability >= threshold]
+    return ImagePrediction(
+        filename=filename,
+        top_k=[LabelProbability(label=p.label, probability=p.probability) for p in kept],
+        below_threshold=not kept,
     )

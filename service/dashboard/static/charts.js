@@ -29,6 +29,20 @@
     return value.toExponential(1).replace("e-", "e−");
   }
 
+  // Words of `text` in lines no wider than `width` (a message in a narrow chart).
+  function wrap(g, text, width) {
+    var lines = [];
+    text.split(" ").forEach(function (word) {
+      var last = lines.length - 1;
+      if (last >= 0 && g.measureText(lines[last] + " " + word).width <= width) {
+        lines[last] += " " + word;
+      } else {
+        lines.push(word);
+      }
+    });
+    return lines;
+  }
+
   function LineChart(canvas, options) {
     this.canvas = canvas;
     this.options = options || {};
@@ -106,7 +120,10 @@
     if (!pts.length) {
       g.fillStyle = "#56606b";
       g.textBaseline = "middle";
-      g.fillText(opts.empty || "waiting for the first steps…", pad.left + plotW / 2, pad.top + plotH / 2);
+      var lines = wrap(g, opts.empty || "waiting for the first steps…", plotW - 12);
+      lines.forEach(function (line, i) {
+        g.fillText(line, pad.left + plotW / 2, pad.top + plotH / 2 + (i - (lines.length - 1) / 2) * 16);
+      });
       return;
     }
     g.strokeStyle = opts.color || "#0b5fcc";

@@ -19,6 +19,15 @@
     charts[name] = { chart: new window.BitCharts.LineChart(canvas, options), canvas: canvas };
   });
 
+  // Validation points come only from held-out images; say which case this is.
+  var holdout = root.getAttribute("data-holdout");
+  function emptyValidation(active) {
+    if (holdout === "none") return "no held-out images: see the model's cross-validated estimate";
+    if (active) return "no validation points yet";
+    if (!holdout) return "no validation set";
+    return "not validated during training: the model's quality is on its held-out images";
+  }
+
   function text(id, value) {
     var node = document.getElementById(id);
     if (node && node.textContent !== value) node.textContent = value;
@@ -55,8 +64,8 @@
       var entry = charts[name];
       entry.chart.options.xMax = total;
       if (name === "val_top1" && !series.val_top1.length) {
-        // Validation points come only from a validation set; say which case this is.
-        entry.chart.options.empty = state.active ? "no validation points yet" : "no validation set";
+        entry.chart.options.empty = emptyValidation(state.active);
+        entry.canvas.setAttribute("data-empty", entry.chart.options.empty);
       }
       entry.chart.set(series[name]);
       var last = series[name][series[name].length - 1];

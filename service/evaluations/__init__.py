@@ -1,0 +1,1 @@
+"""Evaluations of models on datasets, run as jobs (table: service.db.models.Evaluation)."""
