@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.auth import MAX_LIFETIME
 from service.db.models import ApiKey
+from service.rfc3339 import Rfc3339
 
 # service.auth.SCOPES, spelled out for the schema (a test keeps the two equal).
 ScopeName = Literal[
@@ -51,7 +52,7 @@ class KeyCreate(BaseModel):
         le=int(MAX_LIFETIME.total_seconds()),
         description="seconds until it expires (or give expires_at; neither: it never expires)",
     )
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Rfc3339 | None = Field(
         None, description="when it expires (RFC 3339, in the future)"
     )
 

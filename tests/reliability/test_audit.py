@@ -489,6 +489,9 @@ def test_audit_api_refuses_bad_filters_and_user_keys(
         "action=model.explode": "unknown_audit_action",
         "since=2025-01-31T12:00:00": "invalid_request",  # no zone: not RFC 3339
         "since=yesterday": "invalid_request",
+        "until=-6.4e-275": "invalid_request",  # a number is not a date-time, though pydantic
+        "since=1733300000": "invalid_request",  # would read it as a Unix time
+        "since=2025-01-31": "invalid_request",  # a date alone
         "since=2025-02-01T00:00:00Z&until=2025-01-31T00:00:00Z": "invalid_time_range",
         "until=0001-01-01T00:00:00%2B05:00": "invalid_time_range",  # before year 1 in UTC
         "limit=201": "invalid_request",

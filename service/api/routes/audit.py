@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from pydantic import AwareDatetime
 
 from service.audit import AuditFilter, list_events
 from service.audit.schemas import AuditEventRead, AuditPage
 from service.db.models import MAX_ID
 from service.deps import ADMIN_ERRORS, AUTH_RESPONSES, CurrentAdmin, OffsetQuery, SessionDep
 from service.errors import error_responses
+from service.rfc3339 import Rfc3339
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"], responses=AUTH_RESPONSES)
 
@@ -41,10 +41,8 @@ def read_audit(
     actor: Annotated[
         str | None, Query(description="the acting key's prefix (12 characters)", pattern=PREFIX)
     ] = None,
-    since: Annotated[
-        AwareDatetime | None, Query(description="RFC 3339; events at or after")
-    ] = None,
-    until: Annotated[AwareDatetime | None, Query(description="RFC 3339; events before")] = None,
+    since: Annotated[Rfc3339 | None, Query(description="RFC 3339; events at or after")] = None,
+    until: Annotated[Rfc3339 | None, Query(description="RFC 3339; events before")] = None,
     before: Annotated[
         int | None, Query(ge=1, le=MAX_ID, description="cursor: events older than this id")
     ] = None,
