@@ -155,6 +155,16 @@ def fit_temperature(logits: Any, labels: Any) -> float:
     return float(np.exp(np.clip(float(log_t.detach()), low, high)))
 
 
+def scaled_probabilities(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """softmax(logits / T): the probabilities predict serves for a model.
+
+    Args:
+        logits: (N, C) logits.
+        temperature: the model's fitted T; None (not calibrated) means 1.
+    """
+    return torch.softmax(logits.float() / (temperature or 1.0), dim=-1)
+
+
 def _operating_point(
     precision: float, recall: float, threshold: float | None
 ) -> dict[str, float | None]:

@@ -122,11 +122,10 @@ def _holdout_quality(
     temperature = None
     if options.calibrate:
         temperature = quality_metrics.fit_temperature(logits, labels)
-    scaled = logits / (temperature or 1.0)
     # The report is on the probabilities predict will serve (calibrated, if calibrated),
     # so that its PR curves and suggested thresholds apply to predict's answers.
     report = quality_metrics.classification_report(
-        torch.softmax(scaled, dim=-1), labels, list(val.classes)
+        quality_metrics.scaled_probabilities(logits, temperature), labels, list(val.classes)
     )
     quality: dict[str, Any] = {
         "kind": "holdout",

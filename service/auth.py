@@ -7,7 +7,7 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, get_args
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -19,7 +19,8 @@ KEY_PREFIX = "bit_"
 ROLES = ("user", "admin")
 # What a key may do. A route declares the one it needs (service.deps.Scoped); `admin` also
 # opens the admin routes and every tenant's data, and only an admin key may hold it.
-SCOPES = (
+# The Literal is the one list: the key schemas validate against it, SCOPES is read from it.
+ScopeName = Literal[
     "predict",
     "datasets:read",
     "datasets:write",
@@ -28,7 +29,8 @@ SCOPES = (
     "models:read",
     "models:write",
     "admin",
-)
+]
+SCOPES: tuple[str, ...] = get_args(ScopeName)
 USER_SCOPES = tuple(scope for scope in SCOPES if scope != "admin")
 DEFAULT_SCOPES = {"user": USER_SCOPES, "admin": SCOPES}
 # A key's public name, shown by list-keys and taken by revoke: "bit_" and 8 random characters.

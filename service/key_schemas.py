@@ -7,21 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.auth import MAX_LIFETIME
+from service.auth import MAX_LIFETIME, ScopeName
 from service.db.models import ApiKey
 from service.rfc3339 import Rfc3339
 
-# service.auth.SCOPES, spelled out for the schema (a test keeps the two equal).
-ScopeName = Literal[
-    "predict",
-    "datasets:read",
-    "datasets:write",
-    "jobs:read",
-    "jobs:write",
-    "models:read",
-    "models:write",
-    "admin",
-]
 TENANT = r"^[^\x00-\x1f\x7f]{1,64}$"  # a tenant name: 1-64 printable characters
 
 

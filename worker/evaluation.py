@@ -21,13 +21,13 @@ from bit_core.checkpoint import load_model
 from bit_core.data import LabeledImages
 from bit_core.device import resolve_device
 from bit_core.evaluate import predict_logits
-from bit_core.quality import classification_report
+from bit_core.quality import classification_report, scaled_probabilities
 from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
 from service.db.models import Evaluation, Job, Model
-from service.jobs.lifecycle import JobStatus, finish, record_progress
+from service.jobs.lifecycle import record_progress
 from service.settings import Settings
-from worker.job_run import RunState, run_job, stopped_for_shutdown
+from worker.job_run import RunState, end_stopped_run, finish_succeeded, run_job
 from worker.shutdown import shutdown_requested
 
 # Images per slice: between two slices the run looks for a cancel and records progress.
@@ -53,11 +53,6 @@ def _slice(images: LabeledImages, start: int, stop: int) -> LabeledImages:
         labels=images.labels[start:stop],
         names=images.names[start:stop],
     )
-
-
-def scaled_probabilities(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
-    """softmax(logits / T): what predict answers for the model (T None: 1)."""
-    return torch.softmax(logits.float() / (temperature or 1.0), dim=-1)
 
 
 def _evaluate(
@@ -116,11 +111,13 @@ def _evaluate(
     if state.lease_lost:
         return "lease_lost"  # another run owns the job now
     if stopped:
-        if not state.cancelled and shutdown_requested():
-            return stopped_for_shutdown(session, settings, job, owner)
-        finish(session, job, JobStatus.CANCELLED, owner=owner)
-        session.commit()
-        return JobStatus.CANCELLED
+        return end_stopped_run(
+            session,
+            settings,
+            job,
+            owner,
+            shutting_down=not state.cancelled and shutdown_requested(),
+        )
     probabilities = scaled_probabilities(torch.cat(logits).cpu(), model_row.temperature)
     report: dict[str, Any] = classification_report(
         probabilities, list(images.labels), list(images.classes)
@@ -128,9 +125,4 @@ def _evaluate(
     evaluation.results = {**report, "temperature": model_row.temperature}
     job.metrics = {name: report[name] for name in SUMMARY} | {"evaluation_id": evaluation.id}
     job.progress = 1.0
-    # One transaction: the results exist exactly when the job says succeeded.
-    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
-        session.rollback()
-        return "lease_lost"
-    session.commit()
-    return JobStatus.SUCCEEDED
+    return finish_succeeded(session, job, owner)

@@ -77,6 +77,33 @@ def stopped_for_shutdown(session: Session, settings: Settings, job: Job, owner: 
     return "requeued"
 
 
+def cancel_run(session: Session, job: Job, owner: str) -> str:
+    """Record a run that stopped on a cancel as cancelled."""
+    finish(session, job, JobStatus.CANCELLED, owner=owner)
+    session.commit()
+    return JobStatus.CANCELLED
+
+
+def end_stopped_run(
+    session: Session, settings: Settings, job: Job, owner: str, *, shutting_down: bool
+) -> str:
+    """End a run that stopped before its work was done: back in the queue if its worker is
+    shutting down (`stopped_for_shutdown`), cancelled otherwise."""
+    if shutting_down:
+        return stopped_for_shutdown(session, settings, job, owner)
+    return cancel_run(session, job, owner)
+
+
+def finish_succeeded(session: Session, job: Job, owner: str) -> str:
+    """Mark the job succeeded and commit it with what the session holds (its model, its
+    results) in one transaction, so they exist exactly when the job says succeeded."""
+    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
+        session.rollback()
+        return "lease_lost"
+    session.commit()
+    return JobStatus.SUCCEEDED
+
+
 class Heartbeat(threading.Thread):
     """Renews the lease every `heartbeat_s`; flags cancel requests and a lost lease.
 

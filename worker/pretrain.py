@@ -35,9 +35,15 @@ from bit_core.train import RunConfig
 from bit_core.upstream import UpstreamPlan
 from service.db.artifacts import ArtifactStore
 from service.db.models import BaseModelRecord, Job, JobMetric
-from service.jobs.lifecycle import JobStatus, finish, record_progress
+from service.jobs.lifecycle import record_progress
 from service.settings import Settings
-from worker.job_run import RunState, run_job, stopped_for_shutdown
+from worker.job_run import (
+    RunState,
+    cancel_run,
+    finish_succeeded,
+    run_job,
+    stopped_for_shutdown,
+)
 from worker.metrics import StepTimer
 from worker.shutdown import shutdown_requested
 
@@ -364,9 +370,7 @@ def _supervise(
     if tail.outcome != "finished" and not state.cancelled and shutdown_requested():
         return stopped_for_shutdown(session, settings, job, owner)  # it resumes elsewhere
     if tail.outcome == "cancelled" or state.cancelled:  # the ranks' outcome, not a status
-        finish(session, job, JobStatus.CANCELLED, owner=owner)
-        session.commit()
-        return JobStatus.CANCELLED
+        return cancel_run(session, job, owner)
     if process.returncode != 0 or tail.outcome != "finished":
         output = (run_dir / "launcher.log").read_text(errors="replace")[-4000:]
         raise RuntimeError(f"the distributed run exited with {process.returncode}:\n{output}")
@@ -401,11 +405,7 @@ def _register(
     record.sha256, record.job_id = entry.sha256, job.id
     job.metrics = {"base_model": name, "final_loss": final_loss}
     job.progress = 1.0
-    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
-        session.rollback()
-        return "lease_lost"
-    session.commit()
-    return JobStatus.SUCCEEDED
+    return finish_succeeded(session, job, owner)
 
 
 def run_pretrain_job(settings: Settings, job_id: int, owner: str) -> str:

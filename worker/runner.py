@@ -20,10 +20,15 @@ from bit_core.train import RunConfig
 from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
 from service.db.models import Job
-from service.jobs.lifecycle import JobStatus, finish
 from service.models.service import model_row
 from service.settings import Settings
-from worker.job_run import ProgressWriter, RunState, run_job, stopped_for_shutdown
+from worker.job_run import (
+    ProgressWriter,
+    RunState,
+    end_stopped_run,
+    finish_succeeded,
+    run_job,
+)
 from worker.metrics import StepTimer
 from worker.shutdown import shutdown_requested
 
@@ -114,12 +119,14 @@ def _train_and_register(
     # Validations written as they happened are skipped; any missed (the database was
     # unreachable) or run before a crash (the checkpoint keeps them) are written now.
     progress.validations(result.evaluations)
-    if info is None and not state.cancelled and shutdown_requested():
-        return stopped_for_shutdown(session, settings, job, owner)
     if info is None:
-        finish(session, job, JobStatus.CANCELLED, owner=owner)
-        session.commit()
-        return JobStatus.CANCELLED
+        return end_stopped_run(
+            session,
+            settings,
+            job,
+            owner,
+            shutting_down=not state.cancelled and shutdown_requested(),
+        )
     weights = model_dir / WEIGHTS_FILE
     if sha256_file(weights) != info.sha256:
         raise OSError(f"model file of job {job.id} is corrupt after writing; retry the job")
@@ -132,9 +139,4 @@ def _train_and_register(
     job.metrics = info.metrics
     job.step = result.steps_done
     job.progress = 1.0
-    # One transaction: the model row exists exactly when the job says succeeded.
-    if not finish(session, job, JobStatus.SUCCEEDED, owner=owner):
-        session.rollback()
-        return "lease_lost"
-    session.commit()
-    return JobStatus.SUCCEEDED
+    return finish_succeeded(session, job, owner)

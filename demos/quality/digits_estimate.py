@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -40,10 +37,11 @@ from bit_core.recipe import BaseModel, QualityOptions, resolve_base, run_finetun
 from bit_core.train import RunConfig
 from demos.transfer.transfer import (
     DIGIT_SIDE,
-    cpu_name,
     few_shot,
+    how_made,
     log,
     mean_std,
+    save_report,
     split,
     write_digits,
 )
@@ -202,13 +200,7 @@ def write_report(
             "lies within the estimate ± the standard deviation over its folds, the spread "
             "the product shows beside each estimate. Chance is 10%.",
             "",
-            "```bash",
-            command,
-            "```",
-            "",
-            f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} on CPU "
-            f"with {torch.get_num_threads()} thread(s), Python {platform.python_version()}",
+            *how_made(command),
             f"- runtime: {seconds / 60:.1f} min",
             f"- backbone: {base}, frozen; `bit_core.recipe.run_finetune` in linear mode "
             f"(features at {setup.crop} px and their mirrored copies, an L-BFGS head); the "
@@ -234,9 +226,7 @@ def write_report(
             "",
         ]
     )
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    save_report(out, text)
     return text
 
 

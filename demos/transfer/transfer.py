@@ -265,6 +265,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def how_made(command: str) -> list[str]:
+    """A report's lines on how it was made: the command, the date and the machine."""
+    return [
+        "```bash",
+        command,
+        "```",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} on CPU "
+        f"with {torch.get_num_threads()} thread(s), Python {platform.python_version()}",
+    ]
+
+
+def save_report(out: Path | None, text: str) -> None:
+    """Write a report to `out` when given (its folder made if need be)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -359,13 +379,7 @@ def write_report(
             "",
             "Chance is 10%. Made by",
             "",
-            "```bash",
-            command,
-            "```",
-            "",
-            f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-            f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} on CPU "
-            f"with {torch.get_num_threads()} thread(s), Python {platform.python_version()}",
+            *how_made(command),
             f"- runtime: {total / 60:.1f} min in all (upstream data and pre-training "
             f"{seconds['upstream'] / 60:.1f} min, downstream {seconds['downstream'] / 60:.1f} min)",
             "",
@@ -439,9 +453,7 @@ def write_report(
             "",
         ]
     )
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+    save_report(out, text)
     return text
 
 

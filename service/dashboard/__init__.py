@@ -15,8 +15,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.dashboard.auth import CsrfError, LoginRequired, login_url
+from service.dashboard.rendering import PageNotFound
 from service.dashboard.templating import STATIC_DIR, STATIC_PREFIX, page
-from service.dashboard.views import PageNotFound, router
+from service.dashboard.views import router
 from service.errors import error_body
 
 __all__ = ["SECURITY_HEADERS", "install", "router"]

@@ -1,10 +1,21 @@
 """Worker tests reuse the service fixtures (settings on SQLite and PostgreSQL)."""
 
-from sqlalchemy import select
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.auth import Principal
+from service.datasets.service import create_dataset
+from service.datasets.uploads import UploadItem
+from service.db.artifacts import LocalArtifactStore
 from service.db.models import Job, WebhookDelivery
 from service.db.session import session_scope
+from service.jobs.service import create_finetune_job
 from service.settings import Settings
+from tests.e2e.live import png_bytes
+from tests.factories import CLASS_STYLES
 from tests.service.conftest import postgres_url, settings, sqlite_settings  # noqa: F401
 
 
@@ -28,3 +39,43 @@ def delivery_ids(settings: Settings, job_id: int) -> list[int]:  # noqa: F811
     with session_scope(settings.database_url) as session:
         query = select(WebhookDelivery.id).where(WebhookDelivery.job_id == job_id)
         return list(session.scalars(query.order_by(WebhookDelivery.occurrence)))
+
+
+def styled_items(seeds: Iterable[int]) -> list[UploadItem]:
+    """Uploads of every class in CLASS_STYLES, one image per seed."""
+    seeds = list(seeds)
+    return [
+        UploadItem(filename=f"{label}-{i}.png", label=label, content=png_bytes(style, colour, i))
+        for label, (colour, style) in CLASS_STYLES.items()
+        for i in seeds
+    ]
+
+
+def queue_finetune(
+    settings: Settings,  # noqa: F811 (the fixture's name)
+    items: list[UploadItem],
+    *,
+    overrides: dict[str, Any],
+    name: str = "t",
+    mode: str = "full",
+    callback_url: str | None = None,
+    before_job: Callable[[Session, int], None] | None = None,
+) -> int:
+    """A dataset of `items` for tenant acme and a queued R14x0.5 fine-tuning job on it, made
+    by the service's own functions; `before_job(session, dataset_id)` runs between the two."""
+    store = LocalArtifactStore(settings.artifacts_url)
+    with session_scope(settings.database_url) as session:
+        dataset = create_dataset(session, store, settings, tenant="acme", name=name, items=items)
+        if before_job is not None:
+            before_job(session, dataset.id)
+        job = create_finetune_job(
+            session,
+            settings,
+            principal=Principal(1, "acme", "user"),
+            dataset_id=dataset.id,
+            base_model="R14x0.5",
+            mode=mode,
+            overrides=overrides,
+            callback_url=callback_url,
+        )
+        return job.id

@@ -17,17 +17,13 @@ import bit_core.train
 import worker.runner
 from bit_core.data import LabeledImages
 from service.app import create_app
-from service.auth import Principal
-from service.datasets.service import create_dataset
 from service.datasets.uploads import UploadItem
-from service.db.artifacts import LocalArtifactStore
 from service.db.models import Image, JobEvent, JobMetric
 from service.db.session import session_scope
-from service.jobs.service import create_finetune_job
 from service.settings import Settings
 from tests.factories import CLASSES, class_png
 from tests.service.conftest import new_key
-from tests.worker.conftest import job_row
+from tests.worker.conftest import job_row, queue_finetune
 from worker.runner import run_finetune_job
 
 PLAN = {"batch_size": 8, "base_lr": 0.01, "precrop": 40, "crop": 32}
@@ -55,20 +51,7 @@ def make_job(
         for label in CLASSES
         for i in range(per_class)
     ]
-    store = LocalArtifactStore(settings.artifacts_url)
-    with session_scope(settings.database_url) as session:
-        dataset = create_dataset(session, store, settings, tenant="acme", name="d", items=items)
-        job = create_finetune_job(
-            session,
-            settings,
-            principal=Principal(1, "acme", "user"),
-            dataset_id=dataset.id,
-            base_model="R14x0.5",
-            mode=mode,
-            overrides={**PLAN, **overrides},
-            callback_url=None,
-        )
-        return job.id
+    return queue_finetune(settings, items, overrides={**PLAN, **overrides}, name="d", mode=mode)
 
 
 def image_sha(settings: Settings, ids: list[int]) -> set[str]:

@@ -16,22 +16,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from bit_core.pretrain_run import PROGRESS
 from bit_core.train import Progress
-from service.auth import Principal
 from service.cli import worker_command
-from service.datasets.service import create_dataset
-from service.datasets.uploads import UploadItem
-from service.db.artifacts import LocalArtifactStore
 from service.db.models import Image
-from service.db.session import session_scope
-from service.jobs.service import create_finetune_job
 from service.settings import Settings
-from tests.e2e.live import png_bytes
-from tests.factories import CLASS_STYLES
 from tests.polling import free_port, wait_for
-from tests.worker.conftest import job_row
+from tests.worker.conftest import job_row, queue_finetune, styled_items
 from worker.metrics import REGISTRY, StepTimer
 from worker.pretrain import ProgressTail
 
@@ -100,28 +93,19 @@ def answers(url: str) -> bool:
 
 def submit(settings: Settings, name: str, seed: int, *, corrupt: bool = False) -> int:
     """A tiny fine-tune of a new dataset; `corrupt`: one stored image is broken first."""
-    items = [
-        UploadItem(filename=f"{label}-{i}.png", label=label, content=png_bytes(style, colour, i))
-        for label, (colour, style) in CLASS_STYLES.items()
-        for i in range(seed, seed + 3)
-    ]
-    store = LocalArtifactStore(settings.artifacts_url)
-    with session_scope(settings.database_url) as session:
-        dataset = create_dataset(session, store, settings, tenant="acme", name=name, items=items)
-        if corrupt:  # before the job exists, so the worker never sees the intact file
-            uri = session.scalars(select(Image.uri).where(Image.dataset_id == dataset.id)).first()
-            (Path(settings.artifacts_url) / str(uri)).write_bytes(b"\x89PNG\r\n\x1a\n broken")
-        job = create_finetune_job(
-            session,
-            settings,
-            principal=Principal(1, "acme", "user"),
-            dataset_id=dataset.id,
-            base_model="R14x0.5",
-            mode="full",
-            overrides=PLAN,
-            callback_url=None,
-        )
-        return job.id
+
+    def break_one(session: Session, dataset_id: int) -> None:
+        # Before the job exists, so the worker never sees the intact file.
+        uri = session.scalars(select(Image.uri).where(Image.dataset_id == dataset_id)).first()
+        (Path(settings.artifacts_url) / str(uri)).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+
+    return queue_finetune(
+        settings,
+        styled_items(range(seed, seed + 3)),
+        overrides=PLAN,
+        name=name,
+        before_job=break_one if corrupt else None,
+    )
 
 
 def wait_counted(worker: Worker, job_id: int, outcome: str) -> Samples:

@@ -14,19 +14,19 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 import worker.runner
-from service.auth import Principal
-from service.datasets.service import create_dataset
-from service.datasets.uploads import UploadItem
-from service.db.artifacts import LocalArtifactStore
 from service.db.models import Image, Job, JobMetric, Model, utcnow
 from service.db.session import session_scope
-from service.jobs.service import create_finetune_job
 from service.settings import Settings
 from service.webhooks import verify
-from tests.e2e.live import png_bytes
 from tests.factories import CLASS_STYLES
 from tests.polling import wait_for
-from tests.worker.conftest import WEBHOOKS, delivery_ids, job_row
+from tests.worker.conftest import (
+    WEBHOOKS,
+    delivery_ids,
+    job_row,
+    queue_finetune,
+    styled_items,
+)
 from tests.worker.webhook_receiver import webhook_receiver
 from worker.runner import run_finetune_job
 from worker.webhook import deliver
@@ -35,25 +35,12 @@ PLAN = {"batch_size": 8, "total_steps": 8, "base_lr": 0.01, "precrop": 40, "crop
 
 
 def make_job(settings: Settings, *, callback_url: str | None = None, steps: int = 8) -> int:
-    items = [
-        UploadItem(filename=f"{name}-{i}.png", label=name, content=png_bytes(style, colour, i))
-        for name, (colour, style) in CLASS_STYLES.items()
-        for i in range(3)
-    ]
-    store = LocalArtifactStore(settings.artifacts_url)
-    with session_scope(settings.database_url) as session:
-        dataset = create_dataset(session, store, settings, tenant="acme", name="t", items=items)
-        job = create_finetune_job(
-            session,
-            settings,
-            principal=Principal(1, "acme", "user"),
-            dataset_id=dataset.id,
-            base_model="R14x0.5",
-            mode="full",
-            overrides={**PLAN, "total_steps": steps},
-            callback_url=callback_url,
-        )
-        return job.id
+    return queue_finetune(
+        settings,
+        styled_items(range(3)),
+        overrides={**PLAN, "total_steps": steps},
+        callback_url=callback_url,
+    )
 
 
 def test_a_job_runs_and_registers_its_model(sqlite_settings: Settings):
