@@ -15,6 +15,7 @@ from typing import Any
 
 from bit_core import weights
 from bit_core.data import LabeledImages
+from bit_core.export import ExportUnavailable
 from bit_core.hyperrule import hyperrule
 from bit_core.images import ImageDecodeError
 from bit_core.npz import CheckpointError
@@ -228,9 +229,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from bit_core.export import model_directory
     from bit_core.predict import Predictor
 
-    predictor = Predictor.load(args.model, device=args.device)
+    with model_directory(args.model) as directory:  # a model directory or a bundle
+        predictor = Predictor.load(directory, device=args.device)
     results = predictor.predict(list(args.images), top_k=args.top_k)
     if args.json:
         rows = [
@@ -274,8 +277,33 @@ def _cmd_weights_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from bit_core.export import export_npz, is_bundle, model_directory
+
+    if is_bundle(args.file):
+        # A fine-tuned model's bundle becomes a base model: its weights in the official
+        # layout (fine-tuning replaces the head), named after the file by default.
+        import tempfile
+
+        name = args.name or Path(args.file).name.split(".")[0]
+        with model_directory(args.file) as directory, tempfile.TemporaryDirectory() as tmp:
+            npz = export_npz(directory, Path(tmp) / f"{name}.npz")
+            entry = weights.import_file(npz, args.weights_dir, name=name)
+        print(f"{entry.name}: {entry.arch}, {entry.num_classes} classes, sha256 {entry.sha256}")
+        return 0
     entry = weights.import_file(args.file, args.weights_dir, name=args.name)
     print(f"{entry.name}: {entry.arch}, {entry.num_classes} classes, sha256 {entry.sha256}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bit_core.export import export
+
+    suffix = {"bundle": ".zip", "npz": ".npz", "onnx": ".onnx"}[args.format]
+    out = args.out or f"{Path(args.model).name.split('.')[0] or 'model'}{suffix}"
+    if Path(out).resolve() == Path(args.model).resolve():
+        raise ValueError(f"--out {out} is the model itself; pass another file name")
+    export(args.model, args.format, out)
+    print(f"{args.format} written to {out}")
     return 0
 
 
@@ -378,12 +406,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.set_defaults(handler=_cmd_pretrain)
 
     p = sub.add_parser("predict", help="classify images with a trained model")
-    p.add_argument("model", help="model directory written by `bit finetune`")
+    p.add_argument("model", help="model directory written by `bit finetune`, or its bundle")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a model: bundle, official .npz or ONNX")
+    p.add_argument("model", help="model directory written by `bit finetune`, or a bundle")
+    p.add_argument("--format", choices=("bundle", "npz", "onnx"), required=True)
+    p.add_argument("--out", help="output file (default: the model's name + .zip/.npz/.onnx)")
+    p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("eval", help="evaluate a model on a labeled image folder")
     p.add_argument("model", help="model directory written by `bit finetune`")
@@ -398,7 +432,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     w.add_argument("name", help="official name, e.g. BiT-M-R50x1")
     w.add_argument("--quiet", action="store_true")
     w.set_defaults(handler=_cmd_weights_pull)
-    w = wsub.add_parser("import", help="install a BiT .npz file")
+    w = wsub.add_parser("import", help="install a BiT .npz file, or a model bundle as a base")
     w.add_argument("file")
     w.add_argument("--name", help="name to install it under (default: the file name)")
     w.set_defaults(handler=_cmd_weights_import)
@@ -421,6 +455,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     ImageDecodeError,
     CheckpointError,
+    ExportUnavailable,
     weights.WeightsDownloadError,
     weights.WeightsIntegrityError,
 )

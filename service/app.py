@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from service.api.routes import audit as audit_routes
 from service.api.routes import base_models, datasets, health, jobs, models, predict, pretrain
 from service.api.routes import evaluations as evaluation_routes
+from service.api.routes import exports as export_routes
 from service.api.routes import keys as key_routes
 from service.api.routes import quotas as quota_routes
 from service.api.routes import webhooks as webhook_routes
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UploadLimitMiddleware, max_bytes=app.state.settings.max_upload_bytes)
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(export_routes.router)
     app.include_router(evaluation_routes.router)
     app.include_router(predict.router)
     app.include_router(base_models.router)

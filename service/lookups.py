@@ -107,6 +107,10 @@ class Lookups:
         self.database_url = settings.database_url
         self.principals: TtlCache[str, Principal] = TtlCache(settings.lookup_cache_s, clock=clock)
         self.models: TtlCache[int, ServedModel] = TtlCache(settings.lookup_cache_s, clock=clock)
+        # (tenant, "name" | "name@alias" | "name:3") -> (tenant, name, model id)
+        self.names: TtlCache[tuple[str, str], tuple[str, str, int]] = TtlCache(
+            settings.lookup_cache_s, clock=clock
+        )
 
     async def principal(self, key: str) -> Principal | None:
         """The principal of a valid, unrevoked key (`auth.authenticate`); None otherwise."""
@@ -127,6 +131,22 @@ class Lookups:
             self.models.put(model_id, model)
         return model
 
+    async def model_id_of(self, principal: Principal, ref: str) -> int:
+        """The id a model reference (`name`, `name@alias`, `name:3`) names in the caller's
+        tenant, from memory when recently resolved; the database's 404 or 422 otherwise."""
+        key = (principal.tenant, ref)
+        entry = self.names.get(key)
+        if entry is None:
+            model_id = await run_in_threadpool(self._resolve, principal, ref)
+            name = ref.split("@", 1)[0].split(":", 1)[0]
+            entry = (principal.tenant, name, model_id)
+            self.names.put(key, entry)
+        return entry[2]
+
+    def forget_name(self, tenant: str, name: str) -> None:
+        """An alias moved, or a version archived here: resolve `name` afresh from now on."""
+        self.names.forget_where(lambda entry: entry[0] == tenant and entry[1] == name)
+
     def forget_model(self, model_id: int) -> None:
         """Archived, deleted or changed here: read it afresh from the next request on."""
         self.models.forget(model_id)
@@ -139,6 +159,10 @@ class Lookups:
     def _authenticate(self, key: str) -> Principal | None:
         with session_factory(self.database_url)() as session:
             return authenticate(session, key)
+
+    def _resolve(self, principal: Principal, ref: str) -> int:
+        with session_factory(self.database_url)() as session:
+            return service.resolve_model_id(session, principal=principal, ref=ref)
 
     def _read_model(self, principal: Principal, model_id: int) -> ServedModel:
         with session_factory(self.database_url)() as session:

@@ -1,9 +1,10 @@
 """Runs one fine-tuning job by id: train (resuming from its checkpoint), register the
 model. The claim, heartbeat and failure handling around it are worker.job_run's.
 
-The images come from the job's params, not from the dataset's state now: the `train` split
-less the held-out ids the job recorded at creation, validated on those ids, so a resumed
-run sees the same split and a held-out image never trains.
+The images come from the job's params, not from the dataset's state now: the dataset
+version pinned at creation (`dataset_version_id`: its images, labels and splits), its
+`train` split less the held-out ids the job recorded, validated on those ids, so a resumed
+run sees the same images even if the dataset changed, and a held-out image never trains.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bit_core.train import RunConfig
 from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
 from service.db.models import Job
-from service.models.service import model_row
+from service.models.service import add_model, model_row
 from service.settings import Settings
 from worker.job_run import (
     ProgressWriter,
@@ -65,10 +66,26 @@ def job_images(
     """(train, held-out) images of a fine-tuning job, as its params fixed them at creation."""
     assert job.dataset_id is not None, "fine-tuning jobs always have a dataset"
     held_out = job.params.get("holdout", {}).get("val_image_ids", [])
-    train = labeled_images(session, store, job.dataset_id, split="train", exclude_ids=held_out)
+    # Jobs created before dataset versions existed have none: the dataset as it is.
+    version = job.params.get("dataset_version_id")
+    train = labeled_images(
+        session,
+        store,
+        job.dataset_id,
+        split="train",
+        exclude_ids=held_out,
+        version_id=version,
+    )
     if not held_out:
         return train, None
-    val = labeled_images(session, store, job.dataset_id, image_ids=held_out, classes=train.classes)
+    val = labeled_images(
+        session,
+        store,
+        job.dataset_id,
+        image_ids=held_out,
+        classes=train.classes,
+        version_id=version,
+    )
     return train, val
 
 
@@ -133,8 +150,14 @@ def _train_and_register(
     # Files first, manifest last: no host loads the model before all of it is stored.
     store.publish_dir(model_key, model_dir)
     model = model_row(info, job=job, uri=model_key, size_bytes=weights.stat().st_size)
-    session.add(model)
-    session.flush()
+    if "dataset_version_id" in job.params:  # the model records the data it learned from
+        model.plan = {
+            **model.plan,
+            "dataset_id": job.dataset_id,
+            "dataset_version_id": job.params["dataset_version_id"],
+            "dataset_version": job.params.get("dataset_version"),
+        }
+    add_model(session, model)  # the next version of its name
     job.model_id = model.id
     job.metrics = info.metrics
     job.step = result.steps_done

@@ -26,6 +26,7 @@ ACTIONS: dict[str, str] = {
     "image.delete": "an image was deleted from a dataset",
     "model.archive": "a model was archived",
     "model.delete": "a model was deleted",
+    "model.unarchive": "an archived model was made ready again",
     "job.cancel": "a job was cancelled (or its cancel requested)",
     "job.retry": "a failed or cancelled job was queued again",
     "alias.move": "a model alias was set, moved or removed",

@@ -11,6 +11,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
@@ -34,7 +35,7 @@ from service.dashboard.rendering import (
     render,
 )
 from service.dashboard.thumbnails import SIZES
-from service.db.models import Job, Model
+from service.db.models import Job, Model, ModelAlias
 from service.deps import IdPath, SessionDep, SettingsDep
 from service.errors import ApiError
 from service.evaluations.schemas import EvaluationCreate
@@ -121,7 +122,24 @@ def _model_context(
         plan=queries.plan_rows(model.plan or {}),
         metrics=queries.scalar_rows(training_metrics(model.metrics or {})),
         top_k=min(TRY_TOP_K, len(model.classes)),  # the form's max is the class count
+        **_name_context(session, model),
     )
+
+
+def _name_context(session: Session, model: Model) -> dict[str, Any]:
+    """The other versions of the model's name, and its aliases with the versions they name."""
+    versions = session.execute(
+        select(Model.id, Model.version, Model.status)
+        .where(Model.tenant == model.tenant, Model.name == model.name)
+        .order_by(Model.version.desc())
+    ).all()
+    aliases = session.execute(
+        select(ModelAlias.alias, Model.version, ModelAlias.model_id)
+        .join(Model, Model.id == ModelAlias.model_id)
+        .where(ModelAlias.tenant == model.tenant, ModelAlias.name == model.name)
+        .order_by(ModelAlias.alias)
+    ).all()
+    return {"versions": versions, "aliases": aliases}
 
 
 @router.get("/models/{model_id}")
@@ -172,6 +190,41 @@ def save_threshold(
     else:
         shown = "none: predict keeps every class" if model.threshold is None else model.threshold
         set_flash(request, response, settings, f"Model {model.id}: default threshold {shown}.")
+    return response
+
+
+@router.post("/models/{model_id}/alias")
+def move_alias(
+    request: Request,
+    model_id: IdPath,
+    admin: AdminPage,
+    session: SessionDep,
+    settings: SettingsDep,
+    alias: Annotated[str, Form(max_length=64)] = "",
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Point an alias of the model's name at this version, as PUT .../aliases/{alias} does."""
+    check_csrf(admin, csrf_token)
+    model = _model(session, admin, model_id)
+    response = RedirectResponse(f"/admin/models/{model_id}#naming", status_code=303)
+    try:
+        models.set_alias(
+            session,
+            principal=admin.principal,
+            name=model.name,
+            alias=alias.strip(),
+            version=model.version,
+            tenant=model.tenant,
+        )
+    except ApiError as exc:
+        set_flash(request, response, settings, exc.message)
+    else:
+        set_flash(
+            request,
+            response,
+            settings,
+            f"{model.name}@{alias.strip()} now points at version {model.version}.",
+        )
     return response
 
 

@@ -190,7 +190,7 @@ def datasets_page(
         dataset_id: (classes, images)
         for dataset_id, classes, images in session.execute(
             select(Image.dataset_id, func.count(func.distinct(Image.label)), func.count())
-            .where(Image.dataset_id.in_([d.id for d in datasets]))
+            .where(Image.dataset_id.in_([d.id for d in datasets]), Image.deleted_at.is_(None))
             .group_by(Image.dataset_id)
         )
     }
@@ -204,7 +204,7 @@ def sample_images(session: Session, dataset_id: int, per_class: int) -> dict[str
             Image.id,
             func.row_number().over(partition_by=Image.label, order_by=Image.id).label("rank"),
         )
-        .where(Image.dataset_id == dataset_id)
+        .where(Image.dataset_id == dataset_id, Image.deleted_at.is_(None))
         .subquery()
     )
     rows = session.scalars(
@@ -245,7 +245,7 @@ def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]
     counts: dict[str, dict[str, int]] = {}
     for label, split, count in session.execute(
         select(Image.label, Image.split, func.count())
-        .where(Image.dataset_id == dataset_id)
+        .where(Image.dataset_id == dataset_id, Image.deleted_at.is_(None))
         .group_by(Image.label, Image.split)
         .order_by(Image.label)
     ):

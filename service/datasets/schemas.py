@@ -166,8 +166,51 @@ class ImagePage(BaseModel):
 
 
 class ImageUpdate(BaseModel):
-    """What may change on an image: its split."""
+    """What may change on an image: its split and its label (each change makes a new
+    version of the dataset)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"split": "test"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"split": "test"}, {"label": "rose"}]},
+    )
 
-    split: str = Field(max_length=16, description="train | val | test")
+    split: str | None = Field(default=None, max_length=16, description="train | val | test")
+    label: str | None = Field(default=None, max_length=1024, description="the image's class")
+
+
+_VERSION_EXAMPLE: dict[str, JsonValue] = {
+    "id": 19,
+    "dataset_id": 7,
+    "number": 3,
+    "image_count": 33,
+    "created_at": "2025-01-31T12:00:00Z",
+}
+
+
+class DatasetVersionRead(BaseModel):
+    """An immutable snapshot of a dataset: its images with their labels and splits."""
+
+    model_config = ConfigDict(
+        from_attributes=True, json_schema_extra={"examples": [_VERSION_EXAMPLE]}
+    )
+
+    id: int = Field(description="what a job's plan records as `dataset_version_id`")
+    dataset_id: int
+    number: int = Field(description="1, 2, ... per dataset; the highest is the dataset now")
+    image_count: int
+    created_at: dt.datetime
+
+
+class DatasetVersionPage(BaseModel):
+    """One page of a dataset's versions, newest first, with the total across all pages."""
+
+    items: list[DatasetVersionRead]
+    total: int
+    limit: int
+    offset: int
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [_VERSION_EXAMPLE], "total": 1, "limit": 100, "offset": 0}]
+        }
+    )

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from bit_core.data import LabeledImages
@@ -34,16 +34,20 @@ from service.datasets.uploads import (
     UploadItem,
     check_dataset_name,
     check_items,
+    check_label,
     check_split,
     display_name,
     printable,
 )
 from service.db.artifacts import ArtifactStore, cleanup_on_error
-from service.db.models import Dataset, Image, Job
+from service.db.models import Dataset, DatasetVersion, DatasetVersionImage, Image, Job, utcnow
 from service.errors import ApiError
 from service.jobs.status import ACTIVE
 from service.quotas import check_storage
 from service.settings import Settings
+
+# The images a dataset holds now (a deleted one stays for the versions that hold it).
+LIVE = Image.deleted_at.is_(None)
 
 
 def dataset_prefix(dataset_id: int) -> str:
@@ -180,6 +184,8 @@ def create_dataset(
         # A new dataset owns its whole prefix: on failure remove all of it.
         with cleanup_on_error(store, [dataset_prefix(dataset.id)]) as written:
             _store_images(session, store, dataset.id, images, written)
+            session.flush()
+            snapshot(session, dataset.id)
             session.commit()
     except BaseException:
         session.rollback()
@@ -200,7 +206,7 @@ def append_images(
     existing = {
         sha: label
         for sha, label in session.execute(
-            select(Image.sha256, Image.label).where(Image.dataset_id == dataset.id)
+            select(Image.sha256, Image.label).where(Image.dataset_id == dataset.id, LIVE)
         )
     }
     images = _dedupe(checked, existing)
@@ -212,11 +218,67 @@ def append_images(
         # Only keys this call created are removed on failure: others belong to stored rows.
         with cleanup_on_error(store, []) as written:
             _store_images(session, store, dataset.id, images, written)
+            if images:
+                session.flush()
+                snapshot(session, dataset.id)
             session.commit()
     except BaseException:
         session.rollback()
         raise
     return len(images)
+
+
+# --- versions --------------------------------------------------------------------------------
+
+
+def snapshot(session: Session, dataset_id: int) -> DatasetVersion:
+    """A new version of the dataset holding its live images with their labels and splits
+    as they are in this transaction (the caller commits it with the change)."""
+    # PostgreSQL: one change at a time per dataset, so version numbers do not collide.
+    session.execute(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update())
+    last = session.scalar(
+        select(func.max(DatasetVersion.number)).where(DatasetVersion.dataset_id == dataset_id)
+    )
+    version = DatasetVersion(dataset_id=dataset_id, number=(last or 0) + 1, image_count=0)
+    session.add(version)
+    session.flush()
+    session.execute(
+        insert(DatasetVersionImage).from_select(
+            ["version_id", "image_id", "label", "split"],
+            select(literal(version.id), Image.id, Image.label, Image.split).where(
+                Image.dataset_id == dataset_id, LIVE
+            ),
+        )
+    )
+    version.image_count = (
+        session.scalar(select(func.count()).where(DatasetVersionImage.version_id == version.id))
+        or 0
+    )
+    return version
+
+
+def latest_version(session: Session, dataset_id: int) -> DatasetVersion | None:
+    return session.scalar(
+        select(DatasetVersion)
+        .where(DatasetVersion.dataset_id == dataset_id)
+        .order_by(DatasetVersion.number.desc())
+        .limit(1)
+    )
+
+
+def current_version(session: Session, dataset_id: int) -> DatasetVersion:
+    """The dataset's latest version; one is made if it has none (rows written directly)."""
+    return latest_version(session, dataset_id) or snapshot(session, dataset_id)
+
+
+def list_versions(
+    session: Session, *, dataset: Dataset, limit: int, offset: int
+) -> tuple[list[DatasetVersion], int]:
+    """One page of a dataset's versions, newest first, and their total."""
+    query = select(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.scalars(query.order_by(DatasetVersion.number.desc()).limit(limit).offset(offset))
+    return list(page), total
 
 
 def _check_not_in_use(session: Session, dataset: Dataset, action: str) -> None:
@@ -245,6 +307,9 @@ def delete_dataset(
     dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
     _check_not_in_use(session, dataset, "delete")
     images = session.scalar(select(func.count()).where(Image.dataset_id == dataset.id)) or 0
+    versions = select(DatasetVersion.id).where(DatasetVersion.dataset_id == dataset.id)
+    session.execute(delete(DatasetVersionImage).where(DatasetVersionImage.version_id.in_(versions)))
+    session.execute(delete(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id))
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
     record(
@@ -260,19 +325,60 @@ def delete_dataset(
     store.delete_prefix(dataset_prefix(dataset.id))
 
 
-def move_image(
-    session: Session, *, dataset_id: int, image_id: int, split: str, principal: Principal
+def update_image(
+    session: Session,
+    settings: Settings,
+    *,
+    dataset_id: int,
+    image_id: int,
+    split: str | None,
+    label: str | None,
+    principal: Principal,
 ) -> Image:
-    """Put one image in another split; refused while an active job uses the dataset (its
-    hold-out was fixed when it was created)."""
+    """Move an image to another split and/or give it another label: a new version of the
+    dataset (jobs already created keep the version they pinned)."""
     dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
     image = get_image(session, dataset=dataset, image_id=image_id)
-    split = check_split(split)
-    if image.split != split:
-        _check_not_in_use(session, dataset, "move the image")
+    changed = False
+    if split is not None:
+        split = check_split(split)
+        changed |= image.split != split
         image.split = split
+    if label is not None:
+        label = check_label(label, settings, filename=image.filename)
+        if label != image.label:
+            counts = class_counts(session, [dataset.id]).get(dataset.id, {})
+            if label not in counts:
+                _check_class_count(len(counts) + 1, settings)
+            changed = True
+            image.label = label
+    if changed:
+        session.flush()
+        snapshot(session, dataset.id)
         session.commit()
     return image
+
+
+def delete_image(
+    session: Session, *, dataset_id: int, image_id: int, principal: Principal
+) -> DatasetVersion:
+    """Remove an image from the dataset: a new version without it. Its row and file stay
+    while a version holds it (jobs already created still train on it)."""
+    dataset = get_dataset(session, dataset_id=dataset_id, principal=principal)
+    image = get_image(session, dataset=dataset, image_id=image_id)
+    image.deleted_at = utcnow()
+    session.flush()
+    version = snapshot(session, dataset.id)
+    record(
+        session,
+        principal,
+        "image.delete",
+        tenant=dataset.tenant,
+        target=f"dataset {dataset.id} image {image.id}",
+        detail={"label": image.label, "sha256": image.sha256, "version": version.number},
+    )
+    session.commit()  # the audit row with the delete: both or neither
+    return version
 
 
 # --- reads -----------------------------------------------------------------------------------
@@ -281,7 +387,7 @@ def move_image(
 def get_image(session: Session, *, dataset: Dataset, image_id: int) -> Image:
     """One image of a (visible) dataset; 404 `image_not_found` otherwise."""
     image = session.get(Image, image_id)
-    if image is None or image.dataset_id != dataset.id:
+    if image is None or image.dataset_id != dataset.id or image.deleted_at is not None:
         raise ApiError(
             404,
             "image_not_found",
@@ -302,7 +408,7 @@ def list_images(
 ) -> tuple[list[Image], int]:
     """One page of a dataset's images (oldest first), filtered by split and label, and
     their total."""
-    query = select(Image).where(Image.dataset_id == dataset.id)
+    query = select(Image).where(Image.dataset_id == dataset.id, LIVE)
     if split is not None:
         query = query.where(Image.split == check_split(split))
     if label is not None:
@@ -319,7 +425,7 @@ def split_counts(session: Session, dataset_id: int) -> dict[str, dict[str, int]]
     counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
     rows = session.execute(
         select(Image.split, Image.label, func.count())
-        .where(Image.dataset_id == dataset_id)
+        .where(Image.dataset_id == dataset_id, LIVE)
         .group_by(Image.split, Image.label)
         .order_by(Image.split, Image.label)
     )
@@ -349,7 +455,7 @@ def class_counts(session: Session, dataset_ids: Sequence[int]) -> dict[int, dict
     """Images per class (sorted by class name) of each dataset."""
     rows = session.execute(
         select(Image.dataset_id, Image.label, func.count())
-        .where(Image.dataset_id.in_(dataset_ids))
+        .where(Image.dataset_id.in_(dataset_ids), LIVE)
         .group_by(Image.dataset_id, Image.label)
         .order_by(Image.dataset_id, Image.label)
     )
@@ -385,7 +491,9 @@ def _summary(dataset: Dataset, classes: dict[str, int]) -> DatasetSummary:
 def describe(session: Session, dataset: Dataset) -> DatasetRead:
     """A dataset in full: class counts, bytes stored, min/median/max image sizes."""
     rows = session.execute(
-        select(Image.height, Image.width, Image.size_bytes).where(Image.dataset_id == dataset.id)
+        select(Image.height, Image.width, Image.size_bytes).where(
+            Image.dataset_id == dataset.id, LIVE
+        )
     )
     heights, widths, sizes = [], [], []
     for height, width, size in rows:
@@ -431,6 +539,7 @@ def labeled_images(
     classes: Sequence[str] | None = None,
     image_ids: Collection[int] | None = None,
     exclude_ids: Collection[int] = (),
+    version_id: int | None = None,
 ) -> LabeledImages:
     """A dataset as bit_core's LabeledImages: classes sorted by name, images by id.
 
@@ -438,14 +547,26 @@ def labeled_images(
     pins the images it was created for); `classes` sets the class order (a model's
     outputs) instead of the sorted labels. `image_ids` keeps only those images and
     `exclude_ids` drops those (a job's held-out images: they never train).
+    `version_id` reads that version of the dataset (its images, labels and splits, deleted
+    images too) instead of the dataset as it is now: a job's pinned snapshot.
     Sources are file paths (decoded lazily, by DataLoader workers too): the store's own
     files, or a remote store's copies in this host's cache, checked by sha256.
     """
-    query = select(Image.label, Image.uri, Image.filename, Image.sha256, Image.id).where(
-        Image.dataset_id == dataset_id
-    )
-    if split is not None:
-        query = query.where(Image.split == split)
+    if version_id is None:
+        query = select(Image.label, Image.uri, Image.filename, Image.sha256, Image.id).where(
+            Image.dataset_id == dataset_id, LIVE
+        )
+        if split is not None:
+            query = query.where(Image.split == split)
+    else:
+        member = DatasetVersionImage
+        query = (
+            select(member.label, Image.uri, Image.filename, Image.sha256, Image.id)
+            .join(Image, Image.id == member.image_id)
+            .where(member.version_id == version_id, Image.dataset_id == dataset_id)
+        )
+        if split is not None:
+            query = query.where(member.split == split)
     if up_to_id is not None:
         query = query.where(Image.id <= up_to_id)
     # Id sets filtered here, not in SQL: a hold-out can be larger than a database's limit

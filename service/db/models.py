@@ -103,7 +103,42 @@ class Image(Timestamped, Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     split: Mapped[str] = mapped_column(String(8), default="train")  # train | val | test
     uri: Mapped[str] = mapped_column(String(512))
+    # Set by DELETE: the row (and its file) stays for the dataset versions that hold it.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime())
     dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class DatasetVersion(Timestamped, Base):
+    """An immutable snapshot of a dataset: which images, with which labels and splits.
+
+    Every change to a dataset's images makes a new one (numbered 1, 2, ... per dataset);
+    the latest is the dataset as it is. A fine-tuning job pins the version it was created
+    with (its params' `dataset_version_id`)."""
+
+    __tablename__ = "dataset_versions"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "number", name="uq_dataset_versions_dataset_number"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), index=True
+    )
+    number: Mapped[int] = mapped_column(Integer)
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DatasetVersionImage(Base):
+    """One image of a dataset version, with its label and split as they were then."""
+
+    __tablename__ = "dataset_version_images"
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("dataset_versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    label: Mapped[str] = mapped_column(String(256))
+    split: Mapped[str] = mapped_column(String(8))
 
 
 class Job(Timestamped, Base):
@@ -173,10 +208,15 @@ class Model(Timestamped, Base):
     """A trained classifier, ready for prediction."""
 
     __tablename__ = "models"
+    __table_args__ = (
+        UniqueConstraint("tenant", "name", "version", name="uq_models_tenant_name_version"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     name: Mapped[str] = mapped_column(String(256), default="")
+    # 1, 2, 3, ... per (tenant, name): assigned when the model is registered (add_model).
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     arch: Mapped[str] = mapped_column(String(32))
     classes: Mapped[list[Any]] = mapped_column(JSON)
     crop: Mapped[int] = mapped_column(Integer)
@@ -191,6 +231,21 @@ class Model(Timestamped, Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     # Temperature scaling fitted on held-out images: logits / temperature (None: 1).
     temperature: Mapped[float | None] = mapped_column(Float)
+
+
+class ModelAlias(Base):
+    """A movable name (e.g. `production`) for one version of a named model."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (
+        UniqueConstraint("tenant", "name", "alias", name="uq_model_aliases_tenant_name_alias"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(256))
+    alias: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class BaseModelRecord(Timestamped, Base):

@@ -54,7 +54,7 @@ def create_evaluation(
             f"to '{model.tenant}'; evaluate a model on a dataset of its own tenant",
         )
     query = select(Image.label, func.count(), func.max(Image.id)).where(
-        Image.dataset_id == dataset.id
+        Image.dataset_id == dataset.id, Image.deleted_at.is_(None)
     )
     if split is not None:
         query = query.where(Image.split == split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from service.db.models import MAX_ID
 from service.webhooks.schemas import WebhookDeliveryRead
@@ -53,6 +53,7 @@ class FinetuneRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        protected_namespaces=(),  # `model_name` is the API's word
         json_schema_extra={
             "examples": [
                 {
@@ -72,6 +73,20 @@ class FinetuneRequest(BaseModel):
     mode: Literal["full", "linear"] = "full"
     overrides: FinetuneOverrides = Field(default_factory=lambda: FinetuneOverrides())
     callback_url: HttpUrl | None = None
+    model_name: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="the name the model is registered under, as its next version (1, 2, "
+        "...); 1-64 of A-Z a-z 0-9 . _ -, not all digits; default: `model`",
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _not_all_digits(cls, value: str | None) -> str | None:
+        if value is not None and value.isdigit():
+            raise ValueError("a model name cannot be all digits (it would read as an id)")
+        return value
 
 
 class JobRead(BaseModel):

@@ -20,7 +20,16 @@ from bit_core.hyperrule import OVERRIDABLE, hyperrule
 from bit_core.recipe import BaseModelNotInstalled, resolve_base
 from service.audit import record
 from service.auth import Principal, require_visible
-from service.db.models import Dataset, Image, Job, JobEvent, JobMetric, utcnow
+from service.datasets.service import current_version
+from service.db.models import (
+    Dataset,
+    DatasetVersionImage,
+    Image,
+    Job,
+    JobEvent,
+    JobMetric,
+    utcnow,
+)
 from service.errors import ApiError
 from service.jobs import lifecycle
 from service.jobs.lifecycle import add_event
@@ -47,6 +56,15 @@ def _visible_dataset(session: Session, principal: Principal, dataset_id: int) ->
     return require_visible(principal, session.get(Dataset, dataset_id), "dataset", dataset_id)
 
 
+def _members(dataset_id: int, version_id: int | None) -> tuple[Any, Any, Any, Any]:
+    """(image id, label, split columns, where clause) of a dataset version's images, or of
+    the dataset's rows as they are when `version_id` is None."""
+    if version_id is None:
+        return Image.id, Image.label, Image.split, Image.dataset_id == dataset_id
+    member = DatasetVersionImage
+    return member.image_id, member.label, member.split, member.version_id == version_id
+
+
 # Overrides of how a job measures its model, not of the HyperRule plan.
 QUALITY_OVERRIDES = ("holdout_fraction", "eval_every", "calibrate")
 
@@ -60,14 +78,15 @@ def resolve_plan(
     mode: str,
     overrides: dict[str, Any],
     held_out: int = 0,
+    version_id: int | None = None,
 ) -> dict[str, Any]:
     """The HyperRule plan for a dataset's `train` images (less `held_out` of them: the
-    schedule follows the images that really train), with the caller's overrides recorded."""
-    counts = dict(
+    schedule follows the images that really train), with the caller's overrides recorded.
+    With `version_id`, the images of that version of the dataset."""
+    image_id, label_col, split_col, where = _members(dataset_id, version_id)
+    counts: dict[str, int] = dict(
         session.execute(
-            select(Image.label, func.count())
-            .where(Image.dataset_id == dataset_id, Image.split == "train")
-            .group_by(Image.label)
+            select(label_col, func.count()).where(where, split_col == "train").group_by(label_col)
         ).all()
     )
     small = {label: n for label, n in counts.items() if n < settings.min_images_per_class}
@@ -79,9 +98,10 @@ def resolve_plan(
             f"each; this dataset has {counts or 'no images'}; add images to "
             f"{sorted(small) or 'more classes'}",
         )
-    sizes = session.execute(
-        select(Image.height, Image.width).where(Image.dataset_id == dataset_id).limit(1000)
-    ).all()
+    sizes_query = select(Image.height, Image.width).where(Image.dataset_id == dataset_id)
+    if version_id is not None:
+        sizes_query = sizes_query.where(Image.id == image_id, where)
+    sizes = session.execute(sizes_query.limit(1000)).all()
     typical = (
         int(statistics.median(h for h, _ in sizes)),
         int(statistics.median(w for _, w in sizes)),
@@ -106,19 +126,26 @@ def resolve_plan(
 
 
 def choose_holdout(
-    session: Session, *, dataset_id: int, classes: list[str], fraction: float, seed: int
+    session: Session,
+    *,
+    dataset_id: int,
+    classes: list[str],
+    fraction: float,
+    seed: int,
+    version_id: int | None = None,
 ) -> dict[str, Any]:
     """The images that measure a job and never train it.
 
     The dataset's `val` images (of the job's classes) if it has any (source "split");
     else a stratified, seeded `fraction` of its `train` images when every class has
     enough of them (source "auto"); else none (source "none": the model then gets a
-    cross-validated estimate instead).
+    cross-validated estimate instead). With `version_id`, from that version's images.
     """
+    image_id, label_col, split_col, where = _members(dataset_id, version_id)
     rows = session.execute(
-        select(Image.id, Image.label, Image.split)
-        .where(Image.dataset_id == dataset_id, Image.split.in_(("train", "val")))
-        .order_by(Image.id)
+        select(image_id, label_col, split_col)
+        .where(where, split_col.in_(("train", "val")))
+        .order_by(image_id)
     ).all()
     known = set(classes)
     val = [image_id for image_id, label, split in rows if split == "val" and label in known]
@@ -152,6 +179,7 @@ def create_finetune_job(
     mode: str,
     overrides: dict[str, Any],
     callback_url: str | None,
+    model_name: str | None = None,
 ) -> Job:
     """Validate, resolve the plan, commit the job row, then enqueue it (in that order)."""
     callback_url = check_callback_url(settings, callback_url)
@@ -159,8 +187,16 @@ def create_finetune_job(
     base_name, arch = resolve_base_model(settings, base_model or settings.default_base_model)
     quality = {key: overrides[key] for key in QUALITY_OVERRIDES if key in overrides}
     overrides = {key: value for key, value in overrides.items() if key not in QUALITY_OVERRIDES}
+    # The job pins the dataset as it is now: later changes make new versions it never sees.
+    version = current_version(session, dataset.id)
     plan = resolve_plan(
-        session, settings, dataset_id=dataset.id, arch=arch, mode=mode, overrides=overrides
+        session,
+        settings,
+        dataset_id=dataset.id,
+        arch=arch,
+        mode=mode,
+        overrides=overrides,
+        version_id=version.id,
     )
     check_new_job(session, settings, tenant=dataset.tenant, kind="finetune")
     job = Job(
@@ -184,6 +220,7 @@ def create_finetune_job(
         classes=plan["classes"],
         fraction=DEFAULT_HOLDOUT_FRACTION if fraction is None else float(fraction),
         seed=job.id,
+        version_id=version.id,
     )
     if holdout["source"] == "auto":
         plan = resolve_plan(
@@ -194,6 +231,7 @@ def create_finetune_job(
             mode=mode,
             overrides=overrides,
             held_out=len(holdout["val_image_ids"]),
+            version_id=version.id,
         )
     total_steps = plan["total_steps"] if mode == "full" else 0
     eval_every = quality.get("eval_every")
@@ -202,8 +240,11 @@ def create_finetune_job(
     job.params = {
         **plan,
         "holdout": holdout,
+        "dataset_version_id": version.id,
+        "dataset_version": version.number,
         "eval_every": int(eval_every),
         "calibrate": bool(quality.get("calibrate", False)),
+        **({"model_name": model_name} if model_name else {}),
     }
     job.total_steps = total_steps
     add_event(session, job, "created")

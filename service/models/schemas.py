@@ -91,6 +91,11 @@ class ModelRead(ModelBase):
 
     id: int
     tenant: str
+    version_number: int = Field(
+        1,
+        validation_alias="version",
+        description="1, 2, 3, ... among the models of its name (`name:3` in predict)",
+    )
     job_id: int | None = Field(description="the fine-tuning job that produced it")
     sha256: str = Field(description="sha256 of the weights file")
     size_bytes: int
@@ -137,6 +142,31 @@ class ModelUpdate(BaseModel):
     )
 
 
+class AliasRead(BaseModel):
+    """An alias of a named model and the version it points at."""
+
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+    alias: str
+    model_id: int
+    version: int
+    updated_at: dt.datetime
+
+
+class AliasMove(BaseModel):
+    """Where PUT /v1/models/by-name/{name}/aliases/{alias} points the alias."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": 3}]})
+    version: int = Field(ge=1, le=MAX_ID, description="the version of the name to point at")
+
+
+class NamedModel(BaseModel):
+    """A model name: its versions, newest first, and its aliases."""
+
+    name: str
+    versions: list[ModelRead]
+    aliases: list[AliasRead]
+
+
 class ModelPage(BaseModel):
     """One page of models, newest first."""
 
@@ -162,7 +192,15 @@ class PredictJson(BaseModel):
         },
     )
 
-    model_id: int = Field(ge=1, le=MAX_ID, description="id of a ready model (GET /v1/models)")
+    model_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="id of a ready model (GET /v1/models); or `model`"
+    )
+    model: str | None = Field(
+        None,
+        max_length=140,
+        description="instead of `model_id`: `name` (its latest ready version), `name@alias` "
+        "(e.g. `shapes@production`) or `name:3` (version 3)",
+    )
     images: list[str] = Field(
         description="base64 image files (JPEG, PNG, WebP, ...); a data: URL prefix is allowed"
     )

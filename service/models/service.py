@@ -12,14 +12,15 @@ import binascii
 import logging
 import re
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bit_core.checkpoint import ModelInfo
 from service.audit import record
 from service.auth import Principal, visible
 from service.db.artifacts import ArtifactStore
-from service.db.models import Job, Model
+from service.db.models import Job, Model, ModelAlias, utcnow
 from service.errors import ApiError
 from service.inference.cache import ModelRef
 from service.jobs.status import ACTIVE, JobStatus
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 MODEL_STATUSES = tuple(ModelStatus)
 MAX_IMAGES_PER_REQUEST = 256
 MAX_TOP_K = 1000
+DEFAULT_NAME = "model"
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 
 
@@ -109,12 +111,13 @@ def model_for_prediction(session: Session, *, principal: Principal, model_id: in
 def model_row(
     info: ModelInfo, *, job: Job, uri: str, size_bytes: int, name: str | None = None
 ) -> Model:
-    """The row of a model saved at `uri` (artifact key of its directory) by `job`; named
-    `job-{id}` unless `name` is given."""
+    """The row of a model saved at `uri` (artifact key of its directory) by `job`: named
+    `name`, else the job's `model_name`, else "model". Its version is assigned by
+    `add_model`."""
     return Model(
         tenant=job.tenant,
         job_id=job.id,
-        name=name or f"job-{job.id}",
+        name=name or str((job.params or {}).get("model_name") or DEFAULT_NAME),
         arch=info.arch,
         classes=info.classes,
         crop=info.crop,
@@ -126,6 +129,189 @@ def model_row(
         sha256=info.sha256,
         size_bytes=size_bytes,
     )
+
+
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ -, not all digits"
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_VERSION_RETRIES = 5
+
+
+def check_name(value: str, what: str = "model name") -> str:
+    """A model name or alias: 1-64 of [A-Za-z0-9._-], not all digits; 422 otherwise."""
+    if not _NAME.match(value) or value.isdigit():
+        raise ApiError(422, "invalid_model_name", f"{what} {value[:70]!r} is invalid: {NAME_RULE}")
+    return value
+
+
+def add_model(session: Session, model: Model) -> Model:
+    """Insert `model` as the next version of its (tenant, name): 1, 2, 3, ...
+
+    Race-safe: two registrations of one name may read the same maximum; the unique
+    (tenant, name, version) constraint refuses the second, which retries in a savepoint.
+    """
+    for attempt in range(_VERSION_RETRIES):
+        latest = session.scalar(
+            select(func.max(Model.version)).where(
+                Model.tenant == model.tenant, Model.name == model.name
+            )
+        )
+        model.version = (latest or 0) + 1
+        try:
+            with session.begin_nested():
+                session.add(model)
+                session.flush()
+            return model
+        except IntegrityError:
+            if attempt == _VERSION_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _parse_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """`name`, `name@alias` or `name:3` -> (name, alias, version); 422 otherwise."""
+    alias: str | None = None
+    version: int | None = None
+    name = ref
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        check_name(alias, "alias")
+    elif ":" in ref:
+        name, number = ref.split(":", 1)
+        if not number.isdigit() or not 1 <= int(number) <= 2**31 - 1:
+            raise ApiError(
+                422, "invalid_model_name", f"version in {ref[:70]!r} must be a positive integer"
+            )
+        version = int(number)
+    check_name(name)
+    return name, alias, version
+
+
+def resolve_model_id(session: Session, *, principal: Principal, ref: str) -> int:
+    """The id `ref` names in the caller's tenant: `name` (its latest ready version),
+    `name@alias` or `name:3`; 404 `model_not_found` when nothing matches."""
+    name, alias, version = _parse_ref(ref)
+    tenant = principal.tenant
+    if alias is not None:
+        model_id = session.scalar(
+            select(ModelAlias.model_id).where(
+                ModelAlias.tenant == tenant, ModelAlias.name == name, ModelAlias.alias == alias
+            )
+        )
+    else:
+        query = select(Model.id).where(Model.tenant == tenant, Model.name == name)
+        if version is not None:
+            query = query.where(Model.version == version)
+        else:
+            query = query.where(Model.status == ModelStatus.READY)
+        model_id = session.scalar(query.order_by(Model.version.desc()).limit(1))
+    if model_id is None:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"no model {ref!r} in tenant {tenant}; see the versions and aliases of a name "
+            f"with GET /v1/models/by-name/{name}",
+        )
+    return int(model_id)
+
+
+def named_model(
+    session: Session, *, principal: Principal, name: str
+) -> tuple[list[Model], list[ModelAlias]]:
+    """The versions (newest first) and aliases of `name` in the caller's tenant; 404 if none."""
+    check_name(name)
+    versions = session.scalars(
+        select(Model)
+        .where(Model.tenant == principal.tenant, Model.name == name)
+        .order_by(Model.version.desc())
+    ).all()
+    if not versions:
+        raise ApiError(
+            404, "model_not_found", f"no model named {name!r}; list your models with GET /v1/models"
+        )
+    aliases = session.scalars(
+        select(ModelAlias)
+        .where(ModelAlias.tenant == principal.tenant, ModelAlias.name == name)
+        .order_by(ModelAlias.alias)
+    ).all()
+    return list(versions), list(aliases)
+
+
+def set_alias(
+    session: Session,
+    *,
+    principal: Principal,
+    name: str,
+    alias: str,
+    version: int,
+    tenant: str | None = None,
+) -> ModelAlias:
+    """Point `name@alias` at version `version` (creating the alias); audited `alias.move`.
+    The caller's tenant's name, or (admins only, the dashboard) `tenant`'s."""
+    check_name(name)
+    check_name(alias, "alias")
+    if tenant is not None and tenant != principal.tenant and not principal.is_admin:
+        raise ApiError(403, "admin_required", "another tenant's alias needs an admin API key")
+    tenant = tenant or principal.tenant
+    model = session.scalar(
+        select(Model).where(Model.tenant == tenant, Model.name == name, Model.version == version)
+    )
+    if model is None:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"model {name!r} has no version {version}; see its versions with "
+            f"GET /v1/models/by-name/{name}",
+        )
+    row = session.scalar(
+        select(ModelAlias)
+        .where(ModelAlias.tenant == tenant, ModelAlias.name == name, ModelAlias.alias == alias)
+        .with_for_update()
+    )
+    previous = None if row is None else row.model_id
+    if row is None:
+        row = ModelAlias(tenant=tenant, name=name, alias=alias, model_id=model.id)
+        session.add(row)
+    row.model_id = model.id
+    row.updated_at = utcnow()
+    record(
+        session,
+        principal,
+        "alias.move",
+        tenant=tenant,
+        target=f"{name}@{alias}",
+        detail={"model_id": model.id, "version": version, "previous_model_id": previous},
+    )
+    session.commit()
+    return row
+
+
+def delete_alias(session: Session, *, principal: Principal, name: str, alias: str) -> None:
+    """Remove `name@alias`; 404 `model_not_found` (no such name) or `alias_not_found`."""
+    named_model(session, principal=principal, name=name)  # the name's 404 first
+    check_name(alias, "alias")
+    row = session.scalar(
+        select(ModelAlias).where(
+            ModelAlias.tenant == principal.tenant,
+            ModelAlias.name == name,
+            ModelAlias.alias == alias,
+        )
+    )
+    if row is None:
+        raise ApiError(
+            404,
+            "alias_not_found",
+            f"{name}@{alias} does not exist; see GET /v1/models/by-name/{name}",
+        )
+    record(
+        session,
+        principal,
+        "alias.move",
+        tenant=principal.tenant,
+        target=f"{name}@{alias}",
+        detail={"model_id": None, "previous_model_id": row.model_id},
+    )
+    session.delete(row)
+    session.commit()
 
 
 def model_ref(model: Model) -> ModelRef:
@@ -148,6 +334,23 @@ def archive_model(session: Session, *, principal: Principal, model_id: int) -> M
             session,
             principal,
             "model.archive",
+            tenant=model.tenant,
+            target=f"model {model.id}",
+            detail={"name": model.name},
+        )
+        session.commit()
+    return model
+
+
+def unarchive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
+    """Serve an archived model again (idempotent; audited `model.unarchive`)."""
+    model = get_model(session, principal=principal, model_id=model_id)
+    if model.status == ModelStatus.ARCHIVED:
+        model.status = ModelStatus.READY
+        record(
+            session,
+            principal,
+            "model.unarchive",
             tenant=model.tenant,
             target=f"model {model.id}",
             detail={"name": model.name},
@@ -192,6 +395,8 @@ def delete_model(
         target=f"model {model.id}",
         detail={"name": model.name, "status": model.status},
     )
+    # Its aliases go with it (the foreign key cascades too, where the database enforces it).
+    session.execute(delete(ModelAlias).where(ModelAlias.model_id == model.id))
     session.delete(model)
     session.commit()
     # Row first: a crash in between leaves unreferenced files (harmless), never a row

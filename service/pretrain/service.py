@@ -49,7 +49,9 @@ def _dataset_manifest(session: Session, store: ArtifactStore, dataset_id: int) -
             "shared-volume artifact store; pass data_path instead",
         )
     rows = session.execute(
-        select(Image.uri, Image.label).where(Image.dataset_id == dataset_id).order_by(Image.id)
+        select(Image.uri, Image.label)
+        .where(Image.dataset_id == dataset_id, Image.deleted_at.is_(None))
+        .order_by(Image.id)
     ).all()
     text = "\n".join(
         json.dumps({"uri": str(store.path(uri)), "labels": [label]}) for uri, label in rows

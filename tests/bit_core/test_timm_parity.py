@@ -194,3 +194,23 @@ def test_load_head_false_gives_zero_head(checkpoint, arch: str) -> None:
         assert not logits.any()
         # The backbone is loaded from the file all the same, in both.
         torch.testing.assert_close(features, expected_features, **FP32_TOL)
+
+
+@torch.no_grad()
+def test_npz_export_of_a_model_is_read_by_timm(tmp_path: Path) -> None:
+    """`bit export --format npz` of a fine-tuned model: timm's loader takes it, head
+    included, and gives our logits."""
+    from bit_core.checkpoint import ModelInfo, save_model
+    from bit_core.export import export
+
+    arch = "R50x1"
+    model = bit_core.create_model(arch, NUM_CLASSES)
+    _randomize(model, seed=7)
+    save_model(tmp_path / "m", model, ModelInfo(arch, [f"c{i}" for i in range(10)], crop=64))
+    npz = export(tmp_path / "m", "npz", tmp_path / "m.npz")
+    theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=NUM_CLASSES)
+    theirs.load_pretrained(str(npz))
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    expected = theirs.eval()(images)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(model.eval()(images), expected, **FP32_TOL)

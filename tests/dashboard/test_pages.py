@@ -16,7 +16,7 @@ from service.app import create_app
 from service.dashboard.curves import pr_points
 from service.dashboard.templating import percent
 from service.dashboard.thumbnails import SIZES
-from service.db.models import Evaluation, Image, Job, Model, Worker
+from service.db.models import AuditEvent, Evaluation, Image, Job, Model, ModelAlias, Worker
 from service.db.session import session_scope
 from service.settings import Settings
 from tests.dashboard.conftest import Seeded, csrf_of, seed, sign_in, stored_value_at
@@ -434,3 +434,43 @@ def test_unknown_rows_answer_an_html_404(admin: TestClient):
         response = admin.get(path)
         assert response.status_code == 404 and "does not exist" in response.text
         assert response.headers["content-type"].startswith("text/html")
+
+
+def test_a_model_page_shows_its_name_versions_and_aliases(
+    admin: TestClient, seeded: Seeded, settings: Settings
+):
+    with session_scope(settings.database_url) as session:
+        model = session.get(Model, seeded.model_id)
+        assert model is not None
+        name = model.name
+        session.add(
+            ModelAlias(tenant=model.tenant, name=name, alias="production", model_id=model.id)
+        )
+    page = text_of(admin.get(f"/admin/models/{seeded.model_id}").text)
+    assert f"name {name}, version 1 (predict with {name}:1 ) versions 1 aliases" in page
+    assert f"{name}@production → this version" in page
+    other = text_of(admin.get(f"/admin/models/{seeded.plain_model_id}").text)
+    assert "aliases none" in other
+
+
+def test_the_alias_form_points_an_alias_at_this_version(
+    admin: TestClient, settings: Settings, seeded: Seeded
+):
+    url = f"/admin/models/{seeded.plain_model_id}"
+    token = csrf_of(admin.get(url).text)
+    form = {"csrf_token": token, "alias": "staging"}
+    forged = admin.post(f"{url}/alias", data={**form, "csrf_token": "x"})
+    assert forged.status_code == 403
+    moved = admin.post(f"{url}/alias", data=form, follow_redirects=False)
+    assert moved.status_code == 303 and moved.headers["location"] == f"{url}#naming"
+    page = text_of(admin.get(url).text)
+    assert "@staging now points at version 1." in page
+    assert "@staging → this version" in page
+    refused = text_of(admin.post(f"{url}/alias", data={**form, "alias": "no way"}).text)
+    assert "alias" in refused and "no way" in refused and "is invalid" in refused
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(ModelAlias)).all()
+        assert [(r.alias, r.model_id) for r in rows] == [("staging", seeded.plain_model_id)]
+        actions = session.scalars(select(AuditEvent.action)).all()
+        assert actions.count("alias.move") == 1
+    assert admin.post("/admin/models/999/alias", data=form).status_code == 404

@@ -56,6 +56,8 @@ ROUTE_SCOPES = {
     ("GET", "/v1/datasets"): {"datasets:read"},
     ("GET", "/v1/datasets/{dataset_id}"): {"datasets:read"},
     ("DELETE", "/v1/datasets/{dataset_id}"): {"datasets:write"},
+    ("DELETE", "/v1/datasets/{dataset_id}/images/{image_id}"): {"datasets:write"},
+    ("GET", "/v1/datasets/{dataset_id}/versions"): {"datasets:read"},
     ("POST", "/v1/finetune"): {"jobs:write"},
     ("POST", "/v1/finetune/upload"): {"jobs:write", "datasets:write"},  # it makes a dataset
     ("GET", "/v1/jobs"): {"jobs:read"},
@@ -67,6 +69,10 @@ ROUTE_SCOPES = {
     ("GET", "/v1/models/{model_id}"): {"models:read"},
     ("POST", "/v1/models/{model_id}/archive"): {"models:write"},
     ("DELETE", "/v1/models/{model_id}"): {"models:write"},
+    ("POST", "/v1/models/{model_id}/unarchive"): {"models:write"},
+    ("GET", "/v1/models/by-name/{name}"): {"models:read"},
+    ("PUT", "/v1/models/by-name/{name}/aliases/{alias}"): {"models:write"},
+    ("DELETE", "/v1/models/by-name/{name}/aliases/{alias}"): {"models:write"},
     # An evaluation is a job (it counts against the active-jobs quota) reading a model and a
     # dataset the caller sees; reading evaluations is reading the model.
     ("POST", "/v1/models/{model_id}/evaluations"): {"jobs:write"},
@@ -82,6 +88,7 @@ RESOURCES = ("datasets", "jobs", "models")
 # A valid body for routes that need one, so that a request reaches the id checks.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("PATCH", "/v1/datasets/{dataset_id}/images/{image_id}"): {"split": "val"},
+    ("PUT", "/v1/models/by-name/{name}/aliases/{alias}"): {"version": 1},
 }
 PARAM = re.compile(r"\{(\w+)\}")
 
@@ -115,7 +122,7 @@ def endpoints(app: FastAPI) -> list[tuple[str, str, RouteContext]]:
     return found
 
 
-def fill(path: str, ids: dict[str, int]) -> str:
+def fill(path: str, ids: dict[str, int | str]) -> str:
     return PARAM.sub(lambda m: str(ids.get(m.group(1), 1)), path)
 
 
@@ -290,8 +297,18 @@ def test_another_tenants_ids_answer_404_on_every_route(
         session.add(job)
         session.flush()
         job_id = job.id
-    ids = {"dataset_id": dataset, "model_id": model, "job_id": job_id}
-    kinds = {"dataset_id": "dataset", "model_id": "model", "job_id": "job"}
+    ids: dict[str, int | str] = {
+        "dataset_id": dataset,
+        "model_id": model,
+        "job_id": job_id,
+        "name": "shapes",  # the model's name; its alias is the owner's
+        "alias": "production",
+    }
+    kinds = {"dataset_id": "dataset", "model_id": "model", "job_id": "job", "name": "model"}
+    moved = client.put(
+        "/v1/models/by-name/shapes/aliases/production", json={"version": 1}, headers=owner
+    )
+    assert moved.status_code == 200, moved.text
     wrong, checked = [], 0
     for method, path, route in endpoints(app):
         params = PARAM.findall(path)
@@ -309,13 +326,14 @@ def test_another_tenants_ids_answer_404_on_every_route(
     for path, body, expected in (
         ("/v1/finetune", {"dataset_id": dataset}, "dataset_not_found"),
         ("/v1/predict", {"model_id": model, "images": [image]}, "model_not_found"),
+        ("/v1/predict", {"model": "shapes@production", "images": [image]}, "model_not_found"),
     ):
         response = client.post(path, json=body, headers=stranger)
         if (response.status_code, error_code(response)) != (404, expected):
             wrong.append(f"POST {path} (body): {response.status_code} {response.text[:120]}")
     for listing in ("/v1/datasets", "/v1/jobs", "/v1/models"):
         assert client.get(listing, headers=stranger).json()["total"] == 0, listing
-    figures.add("security: cross-tenant requests", checked + 2)
+    figures.add("security: cross-tenant requests", checked + 3)
     assert checked >= 10 and not wrong, "\n".join(wrong)
     # Nothing of the owner's was touched by the stranger's deletes, cancels and retries.
     assert client.get(f"/v1/datasets/{dataset}", headers=owner).status_code == 200

@@ -23,7 +23,7 @@ from service.db import migrate
 from service.db.artifacts import LocalArtifactStore
 from service.db.models import Base, Dataset, Image, Job
 from service.db.session import session_scope
-from service.models.service import model_row
+from service.models.service import add_model, model_row
 from service.settings import Settings
 from tests.factories import png_bytes, save_tiny_model
 
@@ -189,8 +189,7 @@ def register_model(
             size_bytes=(store_of(settings).path(key) / WEIGHTS_FILE).stat().st_size,
             name=name,
         )
-        session.add(model)
-        session.flush()
+        add_model(session, model)  # the next version of `name`, as the worker does
         job.model_id = model.id
         return model.id
 

@@ -137,3 +137,20 @@ def test_an_unknown_precision_is_refused_at_startup(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert "precision" in str(refused.value) and "bf16" in str(refused.value)
+
+
+def test_jobs_of_one_model_name_register_versions_1_and_2(sqlite_settings: Settings):
+    job_ids = [make_job(sqlite_settings, steps=5) for _ in range(2)]
+    with session_scope(sqlite_settings.database_url) as session:
+        for job_id in job_ids:  # what POST /v1/finetune stores for `model_name`
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.params = {**job.params, "model_name": "parts"}
+    for job_id in job_ids:
+        assert run_finetune_job(sqlite_settings, job_id, "w1") == "succeeded"
+    with session_scope(sqlite_settings.database_url) as session:
+        models = [session.get(Model, job_row(sqlite_settings, j).model_id) for j in job_ids]
+        assert [(m.name, m.version) for m in models if m is not None] == [
+            ("parts", 1),
+            ("parts", 2),
+        ]

@@ -1,5 +1,6 @@
 """Dataset endpoints: upload (files + labels, or a zip of class folders), append, list,
-read, delete; list a dataset's images and move one to another split. HTTP only: parsing
+read, delete; list a dataset's images, relabel one, move it to another split or delete
+it (each change makes a new dataset version), and list the versions. HTTP only: parsing
 and checks live in service.datasets."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from service.datasets.schemas import (
     DatasetPage,
     DatasetRead,
     DatasetUploadRead,
+    DatasetVersionPage,
+    DatasetVersionRead,
     ImagePage,
     ImageRead,
     ImageUpdate,
@@ -210,13 +213,14 @@ def list_images(
 @router.patch(
     "/{dataset_id}/images/{image_id}",
     response_model=ImageRead,
-    summary="Move an image to another split",
+    summary="Relabel an image or move it to another split",
     responses=error_responses(
         *BODY_ERRORS,
         (404, "dataset_not_found", "dataset 7 does not exist"),
         (404, "image_not_found", "image 41 is not in dataset 7; list its images ..."),
-        IN_USE,
         INVALID_SPLIT,
+        (422, "invalid_label", "label of 'a.jpg' is empty; give every image a class name"),
+        (422, "too_many_classes", "labels: 1001 classes is over the limit of 1000; ..."),
     ),
 )
 def update_image(
@@ -225,9 +229,63 @@ def update_image(
     body: ImageUpdate,
     principal: DatasetWriter,
     session: SessionDep,
+    settings: SettingsDep,
 ) -> ImageRead:
-    """Move an image to the train, val or test split; refused while a job uses the dataset."""
-    image = service.move_image(
-        session, dataset_id=dataset_id, image_id=image_id, split=body.split, principal=principal
+    """Give an image another label and/or move it to the train, val or test split. A change
+    makes a new version of the dataset; jobs already created keep the version they pinned."""
+    image = service.update_image(
+        session,
+        settings,
+        dataset_id=dataset_id,
+        image_id=image_id,
+        split=body.split,
+        label=body.label,
+        principal=principal,
     )
     return ImageRead.model_validate(image)
+
+
+@router.delete(
+    "/{dataset_id}/images/{image_id}",
+    response_model=DatasetVersionRead,
+    summary="Remove an image from a dataset",
+    responses=error_responses(
+        (404, "dataset_not_found", "dataset 7 does not exist"),
+        (404, "image_not_found", "image 41 is not in dataset 7; list its images ..."),
+    ),
+)
+def delete_image(
+    dataset_id: IdPath, image_id: IdPath, principal: DatasetWriter, session: SessionDep
+) -> DatasetVersionRead:
+    """Remove an image: answers the new version of the dataset, which no longer holds it.
+    Versions that hold it keep it (and its stored file), so jobs already created still
+    train on it. Audited as `image.delete`."""
+    version = service.delete_image(
+        session, dataset_id=dataset_id, image_id=image_id, principal=principal
+    )
+    return DatasetVersionRead.model_validate(version)
+
+
+@router.get(
+    "/{dataset_id}/versions",
+    response_model=DatasetVersionPage,
+    summary="List a dataset's versions",
+    responses=NOT_FOUND,
+)
+def list_versions(
+    dataset_id: IdPath,
+    principal: DatasetReader,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: OffsetQuery = 0,
+) -> DatasetVersionPage:
+    """A dataset's versions, newest first: each upload, relabel, split move or image
+    removal made one. A fine-tuning job's plan names the one it trains on."""
+    dataset = service.get_dataset(session, dataset_id=dataset_id, principal=principal)
+    rows, total = service.list_versions(session, dataset=dataset, limit=limit, offset=offset)
+    return DatasetVersionPage(
+        items=[DatasetVersionRead.model_validate(row) for row in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )

@@ -39,6 +39,7 @@ from service.jobs.schemas import (
     JobRead,
     MetricPoint,
 )
+from service.models import service as model_service
 from service.quotas import JOB_QUOTA_ERRORS, STORAGE_QUOTA_ERRORS, check_new_job
 from service.webhooks.service import check_callback_url, delivery_reads
 
@@ -87,6 +88,7 @@ def finetune(
         mode=body.mode,
         overrides=body.overrides.as_dict(),
         callback_url=str(body.callback_url) if body.callback_url else None,
+        model_name=body.model_name,
     )
     return _read(job)
 
@@ -97,6 +99,7 @@ def finetune(
     response_model=JobRead,
     responses=error_responses(
         *UPLOAD_ERROR_CODES,
+        (422, "invalid_model_name", "model name '12' is invalid: 1-64 characters ..."),
         *PLAN_ERRORS,
         *CALLBACK_ERRORS,
         *AUTH_ERRORS,
@@ -118,6 +121,10 @@ def finetune_upload(
     overrides: Annotated[str, Form(description="JSON object of plan overrides")] = "{}",
     callback_url: Annotated[str | None, Form()] = None,
     name: Annotated[str, Form(max_length=256)] = "",
+    model_name: Annotated[
+        str | None,
+        Form(description="the model's name (1-64 of A-Z a-z 0-9 . _ -); default: `model`"),
+    ] = None,
     split: Annotated[
         str | None, Form(description="train | val | test, for every file (default train)")
     ] = None,
@@ -137,6 +144,8 @@ def finetune_upload(
         raise ApiError(422, "invalid_request", f"{where}: {problem['msg']}", field=field) from exc
     # Check the base and the callback before storing anything, so a bad request leaves
     # nothing behind.
+    if model_name is not None:
+        model_service.check_name(model_name)
     service.resolve_base_model(settings, base_model or settings.default_base_model)
     check_callback_url(settings, url)
     # The job's quotas too (the dataset's are checked as it is created, before storing).
@@ -154,6 +163,7 @@ def finetune_upload(
         mode=mode,
         overrides=parsed.as_dict(),
         callback_url=url,
+        model_name=model_name,
     )
     return _read(job)
 

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
 
+from service.db.models import Model, ModelAlias
 from service.deps import (
     ADMIN_ERRORS,
     AUTH_RESPONSES,
@@ -22,7 +23,14 @@ from service.errors import error_responses
 from service.inference.inference import InferenceDep
 from service.lookups import LookupsDep
 from service.models import service
-from service.models.schemas import ModelPage, ModelRead, ModelUpdate
+from service.models.schemas import (
+    AliasMove,
+    AliasRead,
+    ModelPage,
+    ModelRead,
+    ModelUpdate,
+    NamedModel,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
 
@@ -65,6 +73,86 @@ def list_models(
         limit=limit,
         offset=offset,
     )
+
+
+NAME_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "`model_not_found`: no model of this name (or version) for this key"},
+    **error_responses((422, "invalid_model_name", "model name ... is invalid: 1-64 characters")),
+}
+
+
+def _aliases(session: SessionDep, rows: list[ModelAlias]) -> list[AliasRead]:
+    out = []
+    for row in rows:
+        model = session.get(Model, row.model_id)
+        assert model is not None  # the foreign key cascades
+        out.append(
+            AliasRead(
+                alias=row.alias,
+                model_id=row.model_id,
+                version=model.version,
+                updated_at=row.updated_at,
+            )
+        )
+    return out
+
+
+@router.get(
+    "/by-name/{name}",
+    response_model=NamedModel,
+    summary="A model name's versions and aliases",
+    responses={**NAME_ERRORS, **error_responses(*SCOPE_ERRORS)},
+)
+def get_named_model(name: str, session: SessionDep, principal: ModelReader) -> NamedModel:
+    """Every version of `name` in your tenant, newest first, and where its aliases point."""
+    versions, aliases = service.named_model(session, principal=principal, name=name)
+    return NamedModel(
+        name=name,
+        versions=[ModelRead.model_validate(row) for row in versions],
+        aliases=_aliases(session, aliases),
+    )
+
+
+@router.put(
+    "/by-name/{name}/aliases/{alias}",
+    response_model=AliasRead,
+    summary="Point an alias at a version",
+    responses={**NAME_ERRORS, **error_responses(*BODY_ERRORS, *SCOPE_ERRORS)},
+)
+def move_alias(
+    name: str,
+    alias: str,
+    body: AliasMove,
+    session: SessionDep,
+    principal: ModelWriter,
+    lookups: LookupsDep,
+) -> AliasRead:
+    """Create or move `name@alias` (e.g. `production`) to version `version`: predict with
+    `model: "name@alias"` uses it from the next request on in this process, and within
+    BIT_LOOKUP_CACHE_S in others."""
+    row = service.set_alias(
+        session, principal=principal, name=name, alias=alias, version=body.version
+    )
+    lookups.forget_name(principal.tenant, name)
+    return _aliases(session, [row])[0]
+
+
+@router.delete(
+    "/by-name/{name}/aliases/{alias}",
+    status_code=204,
+    summary="Remove an alias",
+    responses={
+        404: {"description": "`alias_not_found`"},
+        **error_responses((422, "invalid_model_name", "alias ... is invalid"), *SCOPE_ERRORS),
+    },
+)
+def remove_alias(
+    name: str, alias: str, session: SessionDep, principal: ModelWriter, lookups: LookupsDep
+) -> Response:
+    """Remove `name@alias`; predict with it answers 404 from then on."""
+    service.delete_alias(session, principal=principal, name=name, alias=alias)
+    lookups.forget_name(principal.tenant, name)
+    return Response(status_code=204)
 
 
 @router.get("/{model_id}", response_model=ModelRead, summary="Get a model", responses=NOT_FOUND)
@@ -121,7 +209,24 @@ def archive_model(
     # Only this process's caches: other API processes refuse it once their lookup of it
     # expires (BIT_LOOKUP_CACHE_S), and their loaded copy ages out of their LRU.
     lookups.forget_model(model_id)
+    lookups.forget_name(model.tenant, model.name)  # `name` means its latest ready version
     inference.evict(model_id)
+    return ModelRead.model_validate(model)
+
+
+@router.post(
+    "/{model_id}/unarchive",
+    response_model=ModelRead,
+    summary="Unarchive a model",
+    responses=NOT_FOUND,
+)
+def unarchive_model(
+    model_id: IdPath, session: SessionDep, principal: ModelWriter, lookups: LookupsDep
+) -> ModelRead:
+    """Serve an archived model again (idempotent): undoes POST /v1/models/{id}/archive."""
+    model = service.unarchive_model(session, principal=principal, model_id=model_id)
+    lookups.forget_model(model_id)
+    lookups.forget_name(model.tenant, model.name)
     return ModelRead.model_validate(model)
 
 
@@ -135,7 +240,10 @@ def delete_model(
     inference: InferenceDep,
 ) -> Response:
     """Delete a model and its files, for good."""
+    model = service.get_model(session, principal=principal, model_id=model_id)
+    tenant, name = model.tenant, model.name
     service.delete_model(session, principal=principal, model_id=model_id, store=store)
     lookups.forget_model(model_id)
+    lookups.forget_name(tenant, name)
     inference.evict(model_id)
     return Response(status_code=204)

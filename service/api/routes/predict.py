@@ -34,13 +34,17 @@ router = APIRouter(prefix="/v1", tags=["predict"], responses=AUTH_RESPONSES)
 
 _MULTIPART_SCHEMA = {
     "type": "object",
-    "required": ["model_id", "files"],
+    "required": ["files"],
     "properties": {
         "model_id": {
             "type": "integer",
             "minimum": 1,
             "maximum": MAX_ID,
-            "description": "id of a ready model",
+            "description": "id of a ready model (or `model`)",
+        },
+        "model": {
+            "type": "string",
+            "description": "instead of model_id: `name`, `name@alias` or `name:3`",
         },
         "files": {
             "type": "array",
@@ -73,21 +77,31 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"description": "`too_many_images`, `image_too_large`, `upload_too_large`"},
     415: {"description": "`unsupported_media_type`"},
     422: {
-        "description": "`invalid_top_k`, `invalid_threshold`, `invalid_base64`, `invalid_image`, "
-        "`no_images`, `invalid_request`"
+        "description": "`invalid_model_name`, `invalid_top_k`, `invalid_threshold`, "
+        "`invalid_base64`, `invalid_image`, `no_images`, `invalid_request`"
     },
 }
 
 
 @dataclass
 class _Inputs:
-    model_id: int
+    model_id: int | None
     top_k: int
     sources: list[bytes]
     names: list[str]  # how errors refer to each image
     filenames: list[str | None]  # echoed in the answer (multipart only)
     encoded: list[str] | None = None  # JSON: base64, decoded once the model is known
     threshold: float | None = None  # the request's; None: the model's
+    model: str | None = None  # `name`, `name@alias` or `name:3`, instead of model_id
+
+
+def _one_model(model_id: int | None, model: str | None) -> None:
+    if (model_id is None) == (model is None):
+        raise ApiError(
+            422,
+            "invalid_request",
+            "send exactly one of model_id (an id) or model (`name`, `name@alias`, `name:3`)",
+        )
 
 
 def _form_int(value: object, field: str, code: str) -> int:
@@ -121,10 +135,12 @@ async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
             400, "invalid_multipart", f"unreadable multipart body: {exc.detail}"
         ) from exc
     try:
-        if "model_id" not in form:
-            raise ApiError(422, "invalid_request", "form field model_id is required")
-        model_id = _form_int(form["model_id"], "model_id", "invalid_request")
-        if not 1 <= model_id <= MAX_ID:
+        model_ref = str(form["model"]) if "model" in form else None
+        model_id = None
+        if "model_id" in form:
+            model_id = _form_int(form["model_id"], "model_id", "invalid_request")
+        _one_model(model_id, model_ref)
+        if model_id is not None and not 1 <= model_id <= MAX_ID:
             raise ApiError(
                 422, "invalid_request", f"model_id must be 1 to {MAX_ID}, got {model_id}"
             )
@@ -142,7 +158,9 @@ async def _read_multipart(request: Request, settings: Settings) -> _Inputs:
             service.check_image_size(name, upload.size or 0, settings.max_image_bytes)
             sources.append(await upload.read())
             names.append(name)
-        return _Inputs(model_id, top_k, sources, names, list(names), threshold=threshold)
+        return _Inputs(
+            model_id, top_k, sources, names, list(names), threshold=threshold, model=model_ref
+        )
     finally:
         await form.close()
 
@@ -159,11 +177,14 @@ async def _read_json(request: Request) -> _Inputs:
         raise ApiError(
             422, "invalid_request", f"invalid request: {summary}", problems=problems
         ) from exc
+    _one_model(body.model_id, body.model)
     top_k = service.check_top_k(body.top_k)
     threshold = service.check_threshold(body.threshold)
     service.check_image_count(len(body.images))
     names = [f"images[{i}]" for i in range(len(body.images))]
-    return _Inputs(body.model_id, top_k, [], names, [None] * len(names), body.images, threshold)
+    return _Inputs(
+        body.model_id, top_k, [], names, [None] * len(names), body.images, threshold, body.model
+    )
 
 
 def _decode_all(encoded: list[str], max_bytes: int) -> list[bytes]:
@@ -210,7 +231,11 @@ async def predict(
             "(model_id, files, top_k) or application/json (model_id, images as base64, top_k)",
         )
 
-    model = await lookups.model(principal, inputs.model_id)
+    model_id = inputs.model_id
+    if model_id is None:  # a name: resolved from memory when recently resolved
+        assert inputs.model is not None
+        model_id = await lookups.model_id_of(principal, inputs.model)
+    model = await lookups.model(principal, model_id)
     await enforce_predictions(request, principal, len(inputs.names))  # the tenant's quota
     if inputs.encoded is not None:  # up to max_upload_bytes of base64: decode off the loop
         inputs.sources = await run_in_threadpool(
