@@ -327,30 +327,25 @@ def model_ref(model: Model) -> ModelRef:
 
 def archive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
     """Mark a model archived (idempotent); predict then answers 409 `model_archived`."""
-    model = get_model(session, principal=principal, model_id=model_id)
-    if model.status != ModelStatus.ARCHIVED:  # archiving twice changes nothing: no row
-        model.status = ModelStatus.ARCHIVED
-        record(
-            session,
-            principal,
-            "model.archive",
-            tenant=model.tenant,
-            target=f"model {model.id}",
-            detail={"name": model.name},
-        )
-        session.commit()
-    return model
+    return _move_status(session, principal, model_id, ModelStatus.ARCHIVED, "model.archive")
 
 
 def unarchive_model(session: Session, *, principal: Principal, model_id: int) -> Model:
     """Serve an archived model again (idempotent; audited `model.unarchive`)."""
+    return _move_status(session, principal, model_id, ModelStatus.READY, "model.unarchive")
+
+
+def _move_status(
+    session: Session, principal: Principal, model_id: int, to: ModelStatus, action: str
+) -> Model:
+    """Set the model's status and audit it; a model already there changes nothing (no row)."""
     model = get_model(session, principal=principal, model_id=model_id)
-    if model.status == ModelStatus.ARCHIVED:
-        model.status = ModelStatus.READY
+    if model.status != to:
+        model.status = to
         record(
             session,
             principal,
-            "model.unarchive",
+            action,
             tenant=model.tenant,
             target=f"model {model.id}",
             detail={"name": model.name},

@@ -210,3 +210,34 @@ def predict_files(client: TestClient, headers: dict, model_id: int, files: list,
 def error_of(response) -> tuple[int, str, str]:
     body = response.json()["error"]
     return response.status_code, body["code"], body["message"]
+
+
+# A plan small enough for a tiny model's job to run in seconds.
+SMALL = {"batch_size": 8, "total_steps": 10, "precrop": 40, "crop": 32}
+
+
+def dataset_rows(settings: Settings, tenant: str = "acme", per_class: int = 3) -> int:
+    """A dataset of two classes, as the upload code leaves it (rows only)."""
+    with session_scope(settings.database_url) as session:
+        dataset = Dataset(tenant=tenant, name="pets")
+        session.add(dataset)
+        session.flush()
+        for label in ("cat", "dog"):
+            for i in range(per_class):
+                session.add(
+                    Image(
+                        dataset_id=dataset.id,
+                        label=label,
+                        sha256=f"{label}{i}".ljust(64, "0"),
+                        width=640,
+                        height=480,
+                        size_bytes=1000,
+                        uri=f"datasets/{dataset.id}/{label}{i}",
+                    )
+                )
+        return dataset.id
+
+
+def finetune(client: TestClient, headers: dict, dataset_id: int, **body: object):
+    payload = {"dataset_id": dataset_id, "base_model": "R14x0.5", "overrides": SMALL, **body}
+    return client.post("/v1/finetune", json=payload, headers=headers)

@@ -5,40 +5,12 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from service.db.models import Dataset, Image, Job
+from service.db.models import Job
 from service.db.session import session_scope
 from service.queueing import celery_client
 from service.settings import Settings
+from tests.service.conftest import dataset_rows, finetune
 from worker.reconciler import queue_depths
-
-SMALL = {"batch_size": 8, "total_steps": 10, "precrop": 40, "crop": 32}
-
-
-def dataset_rows(settings: Settings, tenant: str = "acme", per_class: int = 3) -> int:
-    """A dataset of two classes, as the upload code leaves it (rows only)."""
-    with session_scope(settings.database_url) as session:
-        dataset = Dataset(tenant=tenant, name="pets")
-        session.add(dataset)
-        session.flush()
-        for label in ("cat", "dog"):
-            for i in range(per_class):
-                session.add(
-                    Image(
-                        dataset_id=dataset.id,
-                        label=label,
-                        sha256=f"{label}{i}".ljust(64, "0"),
-                        width=640,
-                        height=480,
-                        size_bytes=1000,
-                        uri=f"datasets/{dataset.id}/{label}{i}",
-                    )
-                )
-        return dataset.id
-
-
-def finetune(client: TestClient, headers: dict, dataset_id: int, **body: object):
-    payload = {"dataset_id": dataset_id, "base_model": "R14x0.5", "overrides": SMALL, **body}
-    return client.post("/v1/finetune", json=payload, headers=headers)
 
 
 def test_finetune_commits_the_job_then_enqueues_it(

@@ -20,8 +20,15 @@ from service.db.session import get_engine, session_scope
 from service.models.service import add_model, model_row
 from service.settings import Settings
 from tests.factories import png_bytes
-from tests.service.conftest import error_of, register_model, upload, uploads
-from tests.service.test_jobs_api import SMALL, dataset_rows, finetune
+from tests.service.conftest import (
+    SMALL,
+    dataset_rows,
+    error_of,
+    finetune,
+    register_model,
+    upload,
+    uploads,
+)
 
 INFO = ModelInfo(arch="R14x0.5", classes=["cat", "dog"], crop=32)
 

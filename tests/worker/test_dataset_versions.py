@@ -23,8 +23,7 @@ from service.db.session import session_scope
 from service.settings import Settings
 from tests.factories import CLASSES, class_png
 from tests.service.conftest import new_key
-from tests.worker.conftest import job_row
-from tests.worker.test_holdout import Spy, make_job
+from tests.worker.conftest import Spy, job_row, queue_class_images
 from worker.runner import run_finetune_job
 
 pytestmark = pytest.mark.slow
@@ -84,7 +83,7 @@ def test_a_job_trains_on_the_version_it_pinned(
     sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    job_id = make_job(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
+    job_id = queue_class_images(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
     before = job_row(sqlite_settings, job_id).params
     assert before["dataset_version"] == 1 and before["dataset_version_id"]
     changed = change_dataset(sqlite_settings, job_id)  # while the job is queued
@@ -115,7 +114,7 @@ def test_a_resumed_run_sees_the_same_images(
 ) -> None:
     spy = Spy(monkeypatch)
     spy.stop_first_after = 3
-    job_id = make_job(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
+    job_id = queue_class_images(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
     # The first run stops as for a worker shutdown: checkpointed and requeued.
     monkeypatch.setattr(worker.runner, "shutdown_requested", lambda: len(spy.calls) == 1)
     assert run_finetune_job(sqlite_settings, job_id, "w1") == "requeued"

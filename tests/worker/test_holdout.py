@@ -5,53 +5,24 @@ estimate."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-import bit_core.train
 import worker.runner
 from bit_core.data import LabeledImages
 from service.app import create_app
-from service.datasets.uploads import UploadItem
 from service.db.models import Image, JobEvent, JobMetric
 from service.db.session import session_scope
 from service.settings import Settings
-from tests.factories import CLASSES, class_png
+from tests.factories import CLASSES
 from tests.service.conftest import new_key
-from tests.worker.conftest import job_row, queue_finetune
+from tests.worker.conftest import Spy, job_row, queue_class_images
 from worker.runner import run_finetune_job
 
-PLAN = {"batch_size": 8, "base_lr": 0.01, "precrop": 40, "crop": 32}
-
 pytestmark = pytest.mark.slow
-
-
-def make_job(
-    settings: Settings,
-    *,
-    per_class: int,
-    mode: str = "full",
-    splits: dict[int, str] | None = None,
-    **overrides: Any,
-) -> int:
-    """A dataset of `per_class` images of each class (image i's split from `splits`, else
-    train) and a queued job on it."""
-    items = [
-        UploadItem(
-            filename=f"{label}-{i}.png",
-            label=label,
-            content=class_png(label, seed=i),
-            split=(splits or {}).get(i, "train"),
-        )
-        for label in CLASSES
-        for i in range(per_class)
-    ]
-    return queue_finetune(settings, items, overrides={**PLAN, **overrides}, name="d", mode=mode)
 
 
 def image_sha(settings: Settings, ids: list[int]) -> set[str]:
@@ -64,36 +35,11 @@ def shas(images: LabeledImages) -> set[str]:
     return {Path(str(source)).name for source in images.sources}
 
 
-class Spy:
-    """Records what each run_finetune call got and what the training loop iterated."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.iterated: list[LabeledImages] = []
-        self.stop_first_after: int | None = None
-        train, iterate = worker.runner.run_finetune, bit_core.train.iterate_batches
-
-        def run(data: LabeledImages, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append({"train": data, **kwargs})
-            if len(self.calls) == 1 and self.stop_first_after is not None:
-                kwargs["config"] = dataclasses.replace(
-                    kwargs["config"], stop_after=self.stop_first_after
-                )
-            return train(data, *args, **kwargs)
-
-        def batches(data: LabeledImages, *args: Any, **kwargs: Any) -> Any:
-            self.iterated.append(data)
-            return iterate(data, *args, **kwargs)
-
-        monkeypatch.setattr(worker.runner, "run_finetune", run)
-        monkeypatch.setattr(bit_core.train, "iterate_batches", batches)
-
-
 def test_the_hold_out_never_trains_and_the_curve_fills(
     sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    job_id = make_job(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
+    job_id = queue_class_images(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
     holdout = job_row(sqlite_settings, job_id).params["holdout"]
     assert holdout["source"] == "auto" and holdout["seed"] == job_id
     assert holdout["fraction"] == 0.2 and len(holdout["val_image_ids"]) == 2 * len(CLASSES)
@@ -139,7 +85,7 @@ def test_a_resumed_run_sees_the_same_split(
 ) -> None:
     spy = Spy(monkeypatch)
     spy.stop_first_after = 3
-    job_id = make_job(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
+    job_id = queue_class_images(sqlite_settings, per_class=8, total_steps=6, eval_every=2)
     # The first run stops as for a worker shutdown: checkpointed and requeued.
     monkeypatch.setattr(worker.runner, "shutdown_requested", lambda: len(spy.calls) == 1)
     assert run_finetune_job(sqlite_settings, job_id, "w1") == "requeued"
@@ -168,7 +114,9 @@ def test_val_images_are_the_hold_out_and_test_images_never_train(
     sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    job_id = make_job(sqlite_settings, per_class=5, splits={3: "val", 4: "test"}, mode="linear")
+    job_id = queue_class_images(
+        sqlite_settings, per_class=5, splits={3: "val", 4: "test"}, mode="linear"
+    )
     holdout = job_row(sqlite_settings, job_id).params["holdout"]
     assert holdout["source"] == "split" and len(holdout["val_image_ids"]) == len(CLASSES)
     assert run_finetune_job(sqlite_settings, job_id, "w1") == "succeeded"
@@ -189,7 +137,7 @@ def test_too_few_images_give_a_cross_validated_estimate(
     sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = Spy(monkeypatch)
-    job_id = make_job(sqlite_settings, per_class=4, mode="linear")
+    job_id = queue_class_images(sqlite_settings, per_class=4, mode="linear")
     job = job_row(sqlite_settings, job_id)
     assert job.params["holdout"]["source"] == "none" and job.params["eval_every"] == 0
     assert run_finetune_job(sqlite_settings, job_id, "w1") == "succeeded"
