@@ -57,6 +57,13 @@ class ModelInfo:
     # Temperature scaling fitted on held-out images: probabilities are softmax(logits / T).
     # None (and model.json files written before it existed): T = 1.
     temperature: float | None = None
+    # A linear model that shares its backbone: {"sha256": base weights' sha256, "layer":
+    # where features are taken ("pre_logits"), "name": the base's name}. Its directory
+    # then holds only the head (HEAD_FILE); None: the weights file holds the whole model.
+    shared_base: dict[str, str] | None = None
+    # What made the model: seed, plan, data version, base sha256, versions, device,
+    # precision, deterministic mode (bit_core.provenance). Empty in older model.json files.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
 
 def save_model(directory: str | os.PathLike[str], model: ResNetV2, info: ModelInfo) -> ModelInfo:

@@ -58,6 +58,8 @@ _INFO_TYPES: dict[str, tuple[type, ...]] = {
     "base_model": (str, type(None)),
     "format_version": (int,),
     "temperature": (float, int, type(None)),
+    "shared_base": (dict, type(None)),
+    "provenance": (dict,),
 }
 
 
