@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install chromium serve test lint typecheck unit bench parity
+.PHONY: install chromium fonts serve test lint typecheck unit bench parity
 
 $(BIN)/bit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(BIN)/bit: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/bit
 
-install: $(BIN)/bit chromium
+install: $(BIN)/bit chromium fonts
 
 # The dashboard's browser tests launch Debian's chromium (never a downloaded browser).
 # Installed once where it is missing and we are root (CI); elsewhere the tests skip.
@@ -21,6 +21,17 @@ chromium:
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing chromium for the dashboard's browser tests"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+# The glyph upstream (demos/transfer/glyphs) draws characters in Debian's fonts, never
+# downloaded ones. Installed where any is missing and we are root (CI); elsewhere its tests
+# skip and `python -m demos.transfer.glyphs` names what is missing.
+FONT_PACKAGES := fonts-noto-core fonts-dejavu-core fonts-dejavu-extra fonts-liberation \
+	fonts-freefont-ttf fonts-urw-base35
+fonts:
+	@if ! dpkg -s $(FONT_PACKAGES) >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing fonts for the glyph upstream"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FONT_PACKAGES) >/dev/null; \
 	fi
 
 # The service on the embedded default: SQLite, local artifacts, a broker that needs no

@@ -66,6 +66,7 @@ from flops import device_peak, flops_per_image
 from torch import nn
 
 from bit_core import create_model
+from bit_core.backends import PreLogits, TorchFeatures
 from bit_core.layers import StdConv2d
 from bit_core.predict import Predictor
 from bit_core.resnetv2 import ResNetV2
@@ -446,12 +447,21 @@ def official_infer(model: nn.Module, device: torch.device) -> Infer:
 
 def _predictor(arch: str, device: torch.device, res: int, precision: str = "auto") -> Predictor:
     classes = [f"class{index}" for index in range(NUM_CLASSES)]
-    return Predictor(make_model(arch), classes, res, device=str(device), precision=precision)
+    return Predictor.from_model(
+        make_model(arch), classes, res, device=str(device), precision=precision, backend="torch"
+    )
+
+
+def _backbone(predictor: Predictor) -> TorchFeatures:
+    """The predictor's torch backbone, whose `graph` the variants below replace."""
+    assert isinstance(predictor.features, TorchFeatures)
+    return predictor.features
 
 
 def _jit_infer(predictor: Predictor) -> Infer:
     """Trace per input shape, then torch.jit.freeze + optimize_for_inference."""
-    prepared = predictor.model
+    backbone = _backbone(predictor)
+    prepared = PreLogits(backbone.model).eval()
     traced: dict[tuple[int, ...], Any] = {}
 
     def infer(batch: torch.Tensor) -> torch.Tensor:
@@ -462,7 +472,7 @@ def _jit_infer(predictor: Predictor) -> Infer:
                 example = batch.to(predictor.device)
                 module = torch.jit.freeze(torch.jit.trace(prepared, example).eval())
                 traced[shape] = torch.jit.optimize_for_inference(module)
-        predictor.model = traced[shape]
+        backbone.graph = traced[shape]
         return predictor.probabilities(batch)
 
     return infer
@@ -481,7 +491,7 @@ def build_infer(key: str, arch: str, device: torch.device, res: int) -> Infer:
         return _predictor(arch, device, res, precision="bf16").probabilities
     if key == "fast_cl":
         predictor = _predictor(arch, device, res)
-        predictor.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        _backbone(predictor).model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         # On CPU Predictor leaves the layout alone: convert inside the timed call, as the
         # engine would have to.
         return lambda batch: predictor.probabilities(
@@ -490,7 +500,8 @@ def build_infer(key: str, arch: str, device: torch.device, res: int) -> Infer:
     if key == "fast_mkldnn":
         predictor = _predictor(arch, device, res)
         # Valid only because Predictor froze the standardized kernels into the weights.
-        predictor.model = torch.utils.mkldnn.to_mkldnn(predictor.model)
+        backbone = _backbone(predictor)
+        backbone.graph = torch.utils.mkldnn.to_mkldnn(backbone.model).pre_logits
         return predictor.probabilities
     if key == "fast_jit":
         return _jit_infer(_predictor(arch, device, res))
@@ -502,7 +513,9 @@ def build_infer(key: str, arch: str, device: torch.device, res: int) -> Infer:
 
             inductor_config.freezing = True
         predictor = _predictor(arch, device, res)
-        predictor.model = torch.compile(predictor.model, dynamic=False)  # type: ignore[assignment]
+        backbone = _backbone(predictor)
+        compiled = torch.compile(PreLogits(backbone.model), dynamic=False)
+        backbone.graph = compiled  # type: ignore[assignment]
         return predictor.probabilities
     raise ValueError(f"unknown inference row {key}")
 

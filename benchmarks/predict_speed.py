@@ -89,7 +89,9 @@ def build_path(key: str, arch: str, device: torch.device, res: int) -> Infer:
     if key == "official":
         return official_infer(make_official_model(arch), device)
     classes = [f"class{index}" for index in range(NUM_CLASSES)]
-    return Predictor(make_model(arch), classes, res, device=str(device)).probabilities
+    return Predictor.from_model(
+        make_model(arch), classes, res, device=str(device), backend="torch"
+    ).probabilities
 
 
 @dataclass

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bit_core import weights
+from bit_core.backends import BACKEND_CHOICES
+from bit_core.checkpoint import LocalBaseStore
 from bit_core.data import LabeledImages
 from bit_core.export import ExportUnavailable
 from bit_core.hyperrule import hyperrule
 from bit_core.images import ImageDecodeError
 from bit_core.npz import CheckpointError
+from bit_core.reproducibility import DETERMINISTIC_ENV, deterministic_from_env
 from bit_core.train import Progress, RunConfig
 
 Handler = Callable[[argparse.Namespace], int]
@@ -94,12 +98,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     )
     config = RunConfig(
         seed=args.seed,
+        deterministic=args.deterministic or deterministic_from_env(),
         device=args.device,
         precision=args.precision,
         micro_batch_size=args.micro_batch,
         compile=args.compile,
         eval_every=args.eval_every,
         num_workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
     )
     out = Path(args.out)
     if plan.mode == "linear":
@@ -130,12 +136,20 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             ),
             checkpoint_path=out.with_name(out.name + ".ckpt.safetensors"),
             on_progress=bar,
+            data=str(Path(args.data).resolve()),
+            bases=LocalBaseStore(args.bases_dir) if args.share_base else None,
         )
     finally:
         bar.close()
     assert info is not None
     print(quality_line(info.metrics.get("quality", {})))
     print(f"model saved to {out}")
+    if info.shared_base is not None:
+        print(
+            f"  (its head only; the base {info.shared_base['sha256'][:12]}… is shared, in "
+            f"{LocalBaseStore(args.bases_dir).root}: `bit export --format bundle` makes a "
+            "self-contained copy)"
+        )
     return 0
 
 
@@ -191,7 +205,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         data=str(Path(args.data).resolve()),
         plan=plan,
         config=RunConfig(
-            seed=args.seed, device=args.device, checkpoint_every=args.checkpoint_every
+            seed=args.seed,
+            deterministic=args.deterministic or deterministic_from_env(),
+            device=args.device,
+            checkpoint_every=args.checkpoint_every,
         ),
     )
     print(
@@ -233,7 +250,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from bit_core.predict import Predictor
 
     with model_directory(args.model) as directory:  # a model directory or a bundle
-        predictor = Predictor.load(directory, device=args.device)
+        predictor = Predictor.load(
+            directory,
+            device=args.device,
+            backend=args.backend,
+            bases=LocalBaseStore(args.bases_dir),
+        )
     results = predictor.predict(list(args.images), top_k=args.top_k)
     if args.json:
         rows = [
@@ -351,6 +373,13 @@ def _add_finetune(sub: Any) -> None:
         help="fit a temperature on the held-out images; predict applies it",
     )
     p.add_argument("--out", default="bit-model", help="output model directory")
+    p.add_argument(
+        "--share-base",
+        action="store_true",
+        help="linear mode from pre-trained weights: store the backbone once in the bases "
+        "folder and only the head (KB) in --out; models of one base then share it",
+    )
+    _bases_argument(p)
     p.add_argument("--batch-size", type=int, help="override the HyperRule batch (512)")
     p.add_argument("--lr", type=float, help="override the base learning rate")
     p.add_argument("--steps", type=int, help="override the total number of steps")
@@ -362,7 +391,7 @@ def _add_finetune(sub: Any) -> None:
         choices=("paper", "official"),
         help="large-image resolution: paper 448/384, official code 512/480",
     )
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed_arguments(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--precision",
@@ -374,10 +403,48 @@ def _add_finetune(sub: Any) -> None:
     p.add_argument("--micro-batch", type=int, help="micro-batch size (default: automatic)")
     p.add_argument("--compile", action="store_true", help="use torch.compile")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=50,
+        help="save a resumable checkpoint (OUT.ckpt.safetensors) every N steps; a run "
+        "started again with the same arguments resumes from it",
+    )
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--weights-dir", help="weights directory (default $BIT_HOME/weights)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_cmd_finetune)
+
+
+def _add_seed_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="every random draw of the run: initial weights, batches, augmentation, MixUp, "
+        "hold-out (default 0); on a CPU the same seed gives the same weights",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic algorithms (torch.use_deterministic_algorithms, cuDNN's "
+        "deterministic kernels), so GPU runs repeat too, somewhat slower; also on with "
+        f"{DETERMINISTIC_ENV}=1",
+    )
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give a seed of 0 or more")
+    return value
+
+
+def _bases_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bases-dir",
+        help="folder of shared bases (default $BIT_HOME/bases)",
+    )
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, Any]:
@@ -401,7 +468,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--run-dir", help="directory for checkpoints and progress (resumable)")
     p.add_argument("--out", default="pretrained.npz", help="the resulting base model")
-    p.add_argument("--seed", type=int, default=0)
+    _add_seed_arguments(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(handler=_cmd_pretrain)
 
@@ -410,6 +477,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        default=os.environ.get("BIT_INFERENCE_BACKEND", "auto"),
+        help="what runs the model: auto (the faster one measured for the device: "
+        "BENCHMARKS.md), torch or onnxruntime (default $BIT_INFERENCE_BACKEND, else auto)",
+    )
+    _bases_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_cmd_predict)
 

@@ -223,6 +223,9 @@ def iterate_batches(
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
+        # Its workers' seeds come from here, not from torch's global generator (decoding
+        # draws nothing, but the run neither reads nor shifts global random state).
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
     for step, (pixels, index) in zip(steps, loader, strict=True):
         index = index.to(device, non_blocking=True)

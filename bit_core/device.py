@@ -18,12 +18,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (the fast path), plain fp32 elsewhere unless asked."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """'auto' -> 'bf16' on CUDA (the fast path), 'fp32' elsewhere; others as given."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got '{precision}'")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (the fast path), plain fp32 elsewhere unless asked."""
+    if resolve_precision(device, precision) != "bf16":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

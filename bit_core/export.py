@@ -34,9 +34,11 @@ from bit_core.atomic import atomic_write
 from bit_core.checkpoint import (
     METADATA_FILE,
     WEIGHTS_FILE,
+    BaseStore,
     ModelInfo,
     load_model,
     read_model_info,
+    save_model,
 )
 from bit_core.npz import save_bit_npz
 from bit_core.registry import ARCHITECTURES
@@ -74,14 +76,26 @@ class BundleError(ValueError):
 # --- bundle -----------------------------------------------------------------------------------
 
 
-def export_bundle(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def export_bundle(
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    bases: BaseStore | None = None,
+) -> Path:
     """Pack a model directory into a bundle: `.tar` when `out` ends so, else `.zip`.
 
     The weights are checked against model.json's sha256 first, so a corrupt model is never
-    shipped. Written atomically.
+    shipped. A linear model that shares its base (from `bases`) is written whole: a bundle
+    is self-contained. Written atomically.
     """
     model_dir, out = Path(model_dir), Path(out)
     info = read_model_info(model_dir)
+    if info.shared_base is not None:
+        with tempfile.TemporaryDirectory(prefix="bit-whole-") as scratch:
+            model, info = load_model(model_dir, bases=bases)
+            info.shared_base = None
+            save_model(scratch, model, info)
+            return export_bundle(scratch, out)
     validate_info(info.__dict__, source=str(model_dir))
     load_model(model_dir)  # sha256 and shapes
     with atomic_write(out) as handle:
@@ -124,6 +138,11 @@ def validate_info(data: Any, *, source: str) -> ModelInfo:
         )
     if not 16 <= data["crop"] <= 2048:
         raise BundleError(f"{source}: crop {data['crop']} is outside 16..2048")
+    if data.get("shared_base") is not None:
+        raise BundleError(
+            f"{source}: a bundle must hold the whole model, not a reference to a shared base; "
+            "export the model again with `bit export --format bundle`"
+        )
     temperature = data.get("temperature")
     if temperature is not None and not temperature > 0:
         raise BundleError(f"{source}: temperature must be positive")
@@ -242,9 +261,14 @@ def model_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
 # --- npz --------------------------------------------------------------------------------------
 
 
-def export_npz(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+def export_npz(
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    bases: BaseStore | None = None,
+) -> Path:
     """Write the model in the official BiT `.npz` layout, head included."""
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, bases=bases)
     save_bit_npz(model, out)
     return Path(out)
 
@@ -285,7 +309,11 @@ def onnx_metadata(info: ModelInfo) -> dict[str, str]:
 
 
 def export_onnx(
-    model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *, opset: int = 17
+    model_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    bases: BaseStore | None = None,
 ) -> Path:
     """Export the inference graph to ONNX (weight standardization folded, dynamic batch).
 
@@ -298,7 +326,7 @@ def export_onnx(
         raise ExportUnavailable(
             "ONNX export needs the onnx package: pip install 'bit-service[onnx]'"
         ) from exc
-    model, info = load_model(model_dir)
+    model, info = load_model(model_dir, bases=bases)
     # Standardize every kernel once and store it: the graph holds plain convolutions.
     model.prepare_for_inference()
     graph = _InferenceGraph(model, info.temperature or 1.0).eval()
@@ -326,10 +354,17 @@ def export_onnx(
     return Path(out)
 
 
-def export(model: str | os.PathLike[str], format: str, out: str | os.PathLike[str]) -> Path:
-    """Export a model directory or bundle to `format` ('bundle', 'npz' or 'onnx')."""
+def export(
+    model: str | os.PathLike[str],
+    format: str,
+    out: str | os.PathLike[str],
+    *,
+    bases: BaseStore | None = None,
+) -> Path:
+    """Export a model directory or bundle to `format` ('bundle', 'npz' or 'onnx'); a
+    linear model that shares its base gets it from `bases` and is exported whole."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format '{format}'; use one of {', '.join(FORMATS)}")
     with model_directory(model) as directory:
         writer = {"bundle": export_bundle, "npz": export_npz, "onnx": export_onnx}[format]
-        return writer(directory, out)
+        return writer(directory, out, bases=bases)

@@ -84,6 +84,21 @@ def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> StdConv2d:
     return StdConv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+class GlobalAvgPool2d(nn.Module):
+    """Average over the spatial dims, keeping them as 1 x 1: (N, C, H, W) -> (N, C, 1, 1).
+
+    A plain mean rather than `nn.AdaptiveAvgPool2d(1)`: the same numbers, but its CUDA
+    backward has a deterministic kernel, where the adaptive pool's raises in deterministic
+    mode (`bit_core.reproducibility`). An ONNX export still writes the adaptive pool, which
+    becomes ONNX's GlobalAveragePool (what runtimes optimise), not a generic ReduceMean.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return F.adaptive_avg_pool2d(x, 1)
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 def group_norm(num_chs: int) -> nn.GroupNorm:
     """GroupNorm with BiT's groups and epsilon."""
     return nn.GroupNorm(GN_GROUPS, num_chs, eps=GN_EPS)

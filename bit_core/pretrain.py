@@ -9,8 +9,9 @@ rank lands there), and a stop request is agreed collectively so all ranks stop t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bit_core import augment
 from bit_core.data import StepSampler, iterate_batches
+from bit_core.provenance import run_provenance
+from bit_core.reproducibility import deterministic_mode
 from bit_core.resnetv2 import ResNetV2
 from bit_core.shards import ShardSet, shard_batches
 from bit_core.train import (
@@ -100,8 +103,13 @@ def pretrain(
     checkpoint_path: str | Path | None = None,
     on_progress: ProgressCallback | None = None,
     should_stop: StopCheck | None = None,
+    origin: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Pre-train `model` on `data` with an upstream plan, on this process's share.
+
+    Its randomness comes from `config.seed` (the caller draws the initial weights from it,
+    as `pretrain_run` does); with the same seed, data and world size, a CPU (gloo) run ends
+    bit-identical to another.
 
     Args:
         model: a ResNetV2 with `plan.num_classes` outputs (from scratch or a warm start).
@@ -112,6 +120,9 @@ def pretrain(
         checkpoint_path: shared by all ranks; rank 0 writes it, every rank resumes from it.
         on_progress: called on rank 0 only.
         should_stop: polled on every rank; any rank's True stops all of them.
+        origin: what the run starts from, for its provenance (`base_model`, `base_sha256`,
+            `data`; see `bit_core.provenance.run_provenance`); kept in the checkpoint and
+            returned in `TrainResult.provenance`.
     """
     config = config or RunConfig()
     rank, world, local_rank = distributed_context()
@@ -173,21 +184,32 @@ def pretrain(
             ids = [local_rank] if device.type == "cuda" else None
             return DistributedDataParallel(placed, device_ids=ids)
 
-    return train_loop(
-        model,
-        plan,
-        batches,
-        loss_fn,
-        config,
-        checkpoint_path=checkpoint_path,
-        checkpoint_meta={
-            "sampler": sampler.state_dict(),
-            "classes": list(data.classes),
-            "world": world,
-        },
-        on_progress=on_progress if rank == 0 else None,
-        should_stop=agreed_stop(should_stop, device, world),
-        image_side=plan.resolution,
-        wrap=wrap,
-        writes_checkpoints=rank == 0,
-    )
+    with deterministic_mode(config.deterministic):
+        provenance = run_provenance(
+            seed=config.seed,
+            plan=plan.to_dict(),
+            device=device,
+            precision=config.precision,
+            deterministic=config.deterministic,
+            extra={"world": world},
+            **dict(origin or {}),
+        )
+        return train_loop(
+            model,
+            plan,
+            batches,
+            loss_fn,
+            config,
+            checkpoint_path=checkpoint_path,
+            checkpoint_meta={
+                "sampler": sampler.state_dict(),
+                "classes": list(data.classes),
+                "world": world,
+            },
+            on_progress=on_progress if rank == 0 else None,
+            should_stop=agreed_stop(should_stop, device, world),
+            image_side=plan.resolution,
+            wrap=wrap,
+            writes_checkpoints=rank == 0,
+            provenance=provenance,
+        )

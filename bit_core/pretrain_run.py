@@ -5,7 +5,8 @@
 
 RUN_DIR holds `spec.json` (written by `write_spec`). Rank 0 appends progress to
 `progress.jsonl`, checkpoints to `state.safetensors`, and finally writes the base model as
-an official-format `model.npz`. A file named `cancel` in RUN_DIR stops every rank.
+an official-format `model.npz`, with what made it in `provenance.json` (the .npz layout has
+no room for it). A file named `cancel` in RUN_DIR stops every rank.
 """
 
 from __future__ import annotations
@@ -22,20 +23,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bit_core.checkpoint import sha256_file
 from bit_core.npz import load_bit_npz, save_bit_npz
 from bit_core.pretrain import distributed_context, pretrain
 from bit_core.registry import create_model
+from bit_core.reproducibility import weights_generator
 from bit_core.shards import ShardSet
 from bit_core.train import Progress, RunConfig
 from bit_core.upstream import UpstreamPlan
 from bit_core.upstream_data import UpstreamImages
 
-SPEC, PROGRESS, STATE, RESULT, CANCEL = (
+SPEC, PROGRESS, STATE, RESULT, CANCEL, PROVENANCE = (
     "spec.json",
     "progress.jsonl",
     "state.safetensors",
     "model.npz",
     "cancel",
+    "provenance.json",
 )
 
 
@@ -91,10 +95,19 @@ def main(run_dir: Path) -> int:
     # The supervisor finds each rank's process here (e.g. to report or stop a single rank).
     (run_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     plan = UpstreamPlan.from_dict(spec["plan"])
+    config = RunConfig(**spec["config"])
     data = load_data(spec["data"])
-    model = create_model(spec["arch"], len(data.classes))
-    if spec.get("init_npz"):
-        load_bit_npz(model, spec["init_npz"], load_head=False)
+    # Every rank draws the same weights from the seed (data parallelism also broadcasts
+    # rank 0's), so a run from scratch repeats; a warm start then loads all but the head.
+    model = create_model(spec["arch"], len(data.classes), generator=weights_generator(config.seed))
+    init_npz = spec.get("init_npz")
+    if init_npz:
+        load_bit_npz(model, init_npz, load_head=False)
+    origin = {
+        "base_model": Path(init_npz).stem if init_npz else None,
+        "base_sha256": sha256_file(init_npz) if init_npz else None,
+        "data": spec["data"],
+    }
 
     def on_progress(progress: Progress) -> None:
         append_progress(run_dir, {"time": time.time(), "world": world, **asdict(progress)})
@@ -103,16 +116,19 @@ def main(run_dir: Path) -> int:
         model,
         data,
         plan,
-        RunConfig(**spec["config"]),
+        config,
         checkpoint_path=run_dir / STATE,
         on_progress=on_progress,
         should_stop=(run_dir / CANCEL).exists,
+        origin=origin,
     )
     (run_dir / f"rank{rank}.sha256").write_text(weights_digest(model))
     if rank == 0:
         outcome = "cancelled" if result.cancelled else "finished"
         if not result.cancelled:
             save_bit_npz(model.cpu(), run_dir / RESULT)
+            provenance = {**(result.provenance or {}), "npz_sha256": sha256_file(run_dir / RESULT)}
+            (run_dir / PROVENANCE).write_text(json.dumps(provenance, indent=2))
         append_progress(
             run_dir, {"time": time.time(), "outcome": outcome, "step": result.steps_done}
         )

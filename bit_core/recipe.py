@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bit_core import quality as quality_metrics
-from bit_core.checkpoint import ModelInfo, save_model
+from bit_core.checkpoint import BaseStore, ModelInfo, save_model, save_shared_linear, sha256_file
 from bit_core.data import LabeledImages
 from bit_core.device import resolve_device
 from bit_core.evaluate import metrics_from_logits, predict_logits
@@ -22,7 +22,9 @@ from bit_core.holdout import CV_LABEL, cross_validate_linear
 from bit_core.hyperrule import Plan
 from bit_core.linear import extract_features, fit_linear
 from bit_core.npz import load_bit_npz
+from bit_core.provenance import run_provenance
 from bit_core.registry import ARCHITECTURES, OFFICIAL_MODELS, create_model
+from bit_core.reproducibility import deterministic_mode, weights_generator
 from bit_core.resnetv2 import ResNetV2
 from bit_core.train import (
     CheckpointHook,
@@ -47,6 +49,13 @@ class BaseModel:
     name: str
     arch: str
     npz_path: Path | None  # None: random initialisation (training from scratch)
+    sha256: str | None = None  # of the weights file, as the weights index records it
+
+    def weights_sha256(self) -> str | None:
+        """The weights file's sha256 (recorded, else computed); None from scratch."""
+        if self.npz_path is None:
+            return None
+        return self.sha256 or sha256_file(self.npz_path)
 
 
 def resolve_base(name: str, weights_dir: str | os.PathLike[str] | None = None) -> BaseModel:
@@ -57,7 +66,7 @@ def resolve_base(name: str, weights_dir: str | os.PathLike[str] | None = None) -
     """
     entry = find(name, weights_dir)
     if entry is not None:
-        return BaseModel(name, entry.arch, entry.path)
+        return BaseModel(name, entry.arch, entry.path, entry.sha256)
     path = Path(name)
     if path.suffix == ".npz" and path.is_file():
         arch, _ = infer_npz_architecture(path)
@@ -87,7 +96,7 @@ class QualityOptions:
             fills `TrainResult.evaluations`, the validation curve.
         calibrate: fit a temperature on `val` (temperature scaling); saved in the model.
         cv: without `val`, cross-validate a linear head on frozen features of the base.
-        seed: fixes the cross-validation folds.
+        seed: fixes the cross-validation folds (the run's seed, as `RunConfig.seed`).
     """
 
     eval_every: int = 0
@@ -99,11 +108,13 @@ class QualityOptions:
 NO_QUALITY_LABEL = "no held-out images and too few to cross-validate"
 
 
-def build_model(base: BaseModel, num_classes: int) -> ResNetV2:
-    """The base's architecture with its pre-trained weights and a fresh zero head."""
-    model = create_model(base.arch, num_classes)
-    if base.npz_path is not None:
-        load_bit_npz(model, base.npz_path, load_head=False)
+def build_model(base: BaseModel, num_classes: int, *, seed: int = 0) -> ResNetV2:
+    """The base's architecture with its pre-trained weights and a fresh zero head; a base
+    without weights is initialised from `seed` (the same seed, the same weights)."""
+    if base.npz_path is None:
+        return create_model(base.arch, num_classes, generator=weights_generator(seed))
+    model = create_model(base.arch, num_classes)  # every weight but the head is loaded next
+    load_bit_npz(model, base.npz_path, load_head=False)
     return model
 
 
@@ -189,8 +200,15 @@ def run_finetune(
     should_stop: StopCheck | None = None,
     on_checkpoint: CheckpointHook | None = None,
     on_validation: ValidationHook | None = None,
+    dataset_version: dict[str, Any] | None = None,
+    data: str | None = None,
+    bases: BaseStore | None = None,
 ) -> tuple[TrainResult, ModelInfo | None]:
     """Train per `plan.mode`, measure its quality on images that did not train, save it.
+
+    Every random draw comes from `config.seed` (initial weights of a base without weights,
+    batches, augmentation, MixUp; `quality.seed` fixes the folds), so on a CPU two runs of
+    one seed save the same weights; `config.deterministic` makes GPU runs repeat too.
 
     Args:
         train: the training images; nothing else trains.
@@ -199,6 +217,11 @@ def run_finetune(
             on them, and a temperature fitted on them when `quality.calibrate`.
         quality: how to measure quality (default `QualityOptions()`).
         on_validation: called with (steps done, metrics) after each periodic validation.
+        bases: where a linear model from pre-trained weights stores its backbone once; the
+            model's directory then holds only its head and a reference to the base. None:
+            the model is saved whole.
+        dataset_version: the dataset version the images are, where one exists; recorded
+            in the model's provenance, as `data` (where the images came from) is.
 
     Returns:
         (the training result, the saved model's info) — info is None when the run was
@@ -206,12 +229,59 @@ def run_finetune(
         `info.metrics["quality"]` is kind "holdout" (with `val`), "cross_validated" (a
         k-fold or leave-one-out estimate on frozen features of the training images) or
         "none"; `info.metrics["train_loss"]` is a training figure, not quality.
+        `info.provenance` (also in the checkpoint) says what made the model.
     """
     config = config or RunConfig()
+    with deterministic_mode(config.deterministic):
+        return _run_finetune(
+            train,
+            base,
+            plan,
+            out_dir,
+            config=config,
+            val=val,
+            quality=quality,
+            checkpoint_path=checkpoint_path,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            on_checkpoint=on_checkpoint,
+            on_validation=on_validation,
+            provenance=run_provenance(
+                seed=config.seed,
+                plan=plan.to_dict(),
+                device=resolve_device(config.device),
+                precision=config.precision,
+                deterministic=config.deterministic,
+                base_model=base.name,
+                base_sha256=base.weights_sha256(),
+                dataset_version=dataset_version,
+                data=data,
+            ),
+            bases=bases,
+        )
+
+
+def _run_finetune(
+    train: LabeledImages,
+    base: BaseModel,
+    plan: Plan,
+    out_dir: str | os.PathLike[str],
+    *,
+    config: RunConfig,
+    val: LabeledImages | None,
+    quality: QualityOptions | None,
+    checkpoint_path: str | Path | None,
+    on_progress: ProgressCallback | None,
+    should_stop: StopCheck | None,
+    on_checkpoint: CheckpointHook | None,
+    on_validation: ValidationHook | None,
+    provenance: dict[str, Any],
+    bases: BaseStore | None,
+) -> tuple[TrainResult, ModelInfo | None]:
     options = quality or QualityOptions()
     if options.eval_every:
         config = dataclasses.replace(config, eval_every=options.eval_every)
-    model = build_model(base, len(train.classes))
+    model = build_model(base, len(train.classes), seed=config.seed)
     features: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def keep_features(rows: torch.Tensor, labels: torch.Tensor) -> None:
@@ -240,6 +310,7 @@ def run_finetune(
             should_stop=should_stop,
             on_checkpoint=on_checkpoint,
             on_validation=on_validation,
+            provenance=provenance,
         )
     finished = plan.mode == "linear" or result.steps_done >= plan.total_steps
     if result.cancelled or not finished:
@@ -258,10 +329,8 @@ def run_finetune(
     elif options.cv:
         if features is None:  # full mode: the base's features, extracted once, now
             device = resolve_device(config.device)
-            # A base without weights is re-drawn from a seeded generator, not the global one.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.seed)
-                probe = build_model(base, len(train.classes)).to(device)
+            # A base without weights is re-drawn from the seed: the weights training began at.
+            probe = build_model(base, len(train.classes), seed=config.seed).to(device)
             features = extract_features(
                 probe,
                 train,
@@ -290,5 +359,11 @@ def run_finetune(
         metrics=metrics,
         base_model=base.name,
         temperature=temperature,
+        provenance=provenance,
     )
-    return result, save_model(out_dir, result.model.cpu(), info)  # type: ignore[arg-type]
+    trained: ResNetV2 = result.model.cpu()  # type: ignore[assignment]
+    if bases is not None and plan.mode == "linear" and base.npz_path is not None:
+        # Only the head was fitted: the backbone is the base's, byte for byte.
+        shared = bases.put(trained, arch=base.arch, name=base.name)
+        return result, save_shared_linear(out_dir, trained, info, shared)
+    return result, save_model(out_dir, trained, info)

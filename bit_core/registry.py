@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bit_core.resnetv2 import ResNetV2
+import torch
+
+from bit_core.resnetv2 import ResNetV2, init_weights
 
 OFFICIAL_WEIGHTS_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
 
@@ -89,17 +91,23 @@ def list_models() -> list[str]:
     return [*ARCHITECTURES, *OFFICIAL_MODELS]
 
 
-def create_model(name: str, num_classes: int) -> ResNetV2:
+def create_model(
+    name: str, num_classes: int, *, generator: torch.Generator | None = None
+) -> ResNetV2:
     """Build a BiT ResNet-v2 with a zero-initialised head.
 
     Args:
         name: an architecture ('R50x1', 'R26x1', ...) or an official name ('BiT-M-R50x1').
             Weights are not loaded here: see `bit_core.load_bit_npz`.
         num_classes: number of outputs of the head.
+        generator: draws the initial weights (`bit_core.reproducibility.weights_generator`
+            of a run's seed), so they repeat; None: torch's global generator, for models
+            whose weights are loaded over them anyway.
 
     Returns:
         The model; `model(x)` maps images N x 3 x H x W in [-1, 1] to logits
         N x num_classes, `model.pre_logits(x)` to pooled features.
     """
     arch = resolve_arch(name)
-    return ResNetV2(arch.block_units, arch.width_factor, num_classes)
+    model = ResNetV2(arch.block_units, arch.width_factor, num_classes)
+    return model if generator is None else init_weights(model, generator)

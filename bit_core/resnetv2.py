@@ -1,18 +1,19 @@
 """BiT's ResNet-v2: pre-activation bottlenecks with GroupNorm + Weight Standardization.
 
-Reads top to bottom: the bottleneck unit, the model, inference preparation. Module names
-follow the official checkpoints (`root`, `body.block1.unit01`, `head`) so that the `.npz`
-conversion in `bit_core.npz` reads as a plain mapping.
+Reads top to bottom: the bottleneck unit, the model, inference preparation, weight init.
+Module names follow the official checkpoints (`root`, `body.block1.unit01`, `head`) so that
+the `.npz` conversion in `bit_core.npz` reads as a plain mapping.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from bit_core.layers import StdConv2d, conv1x1, conv3x3, group_norm
+from bit_core.layers import GlobalAvgPool2d, StdConv2d, conv1x1, conv3x3, group_norm
 
 
 class PreActBottleneck(nn.Module):
@@ -67,7 +68,7 @@ class Head(nn.Module):
         super().__init__()
         self.gn = group_norm(in_chs)
         self.relu = nn.ReLU(inplace=True)
-        self.avg = nn.AdaptiveAvgPool2d(output_size=1)
+        self.avg = GlobalAvgPool2d()
         self.conv = nn.Conv2d(in_chs, num_classes, kernel_size=1, bias=True)
 
     @property
@@ -164,3 +165,37 @@ class ResNetV2(nn.Module):
             if isinstance(module, StdConv2d):
                 module.freeze_standardization()
         return self
+
+
+# PyTorch's default Conv2d initialisation (Kaiming-uniform with a = sqrt(5)), drawn from a
+# generator instead of the global one. Weight Standardization removes each filter's scale
+# and offset, so only the directions drawn here matter.
+CONV_INIT_A = math.sqrt(5)
+
+
+@torch.no_grad()
+def init_weights(model: ResNetV2, generator: torch.Generator) -> ResNetV2:
+    """Draw every convolution kernel from `generator`; norms at identity, head at zero.
+
+    The same generator state always gives the same weights, whatever else the process
+    drew from torch's global generator before (`bit_core.reproducibility`).
+
+    Args:
+        model: a ResNetV2 on the CPU (the generator is a CPU one).
+        generator: the run's weights generator, e.g. `weights_generator(seed)`.
+
+    Returns:
+        The model, initialised in place.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module is not model.head.conv:
+            nn.init.kaiming_uniform_(module.weight, a=CONV_INIT_A, generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    model.reset_head()  # BiT's downstream head starts at zero: nothing to draw
+    return model

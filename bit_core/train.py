@@ -4,7 +4,9 @@ Sections: device & precision · resume · the step (micro-batches, OOM back-off)
 · progress & validation. Resume order: this run's own checkpoint if it exists → the
 weights already in the model the caller passed (e.g. a BiT base) → its initialisation.
 A step's batch and augmentation depend only on (seed, step), the checkpoint holds model,
-momentum, step and plan, so a resumed run ends bit-identical to an uninterrupted one (CPU).
+momentum, step and plan, so a resumed run ends bit-identical to an uninterrupted one (CPU;
+on a GPU in deterministic mode, `RunConfig.deterministic`). The initial weights come from
+the seed too (`bit_core.reproducibility`), so two runs of one seed end identical as well.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bit_core.data import LabeledImages, StepSampler, iterate_batches
 from bit_core.device import autocast_for, resolve_device, to_device_layout, use_channels_last
 from bit_core.evaluate import evaluate
 from bit_core.hyperrule import Plan
+from bit_core.reproducibility import deterministic_mode
 from bit_core.resnetv2 import ResNetV2
 
 
@@ -47,7 +50,10 @@ class Schedule(Protocol):
 class RunConfig:
     """How to run a plan (not what to learn): device, precision, checkpoints, validation."""
 
-    seed: int = 0
+    seed: int = 0  # initial weights of a from-scratch model, batches, augmentation, MixUp
+    # PyTorch's deterministic algorithms and cuDNN's deterministic kernels (GPU runs
+    # repeat, at some speed; bit_core.reproducibility). CPU runs repeat without it.
+    deterministic: bool = False
     device: str = "auto"  # "auto" picks CUDA when available
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32"/"bf16"
     micro_batch_size: int | None = None  # None: the whole batch, halved on CUDA OOM
@@ -79,6 +85,7 @@ class TrainResult:
     micro_batch_size: int
     history: list[dict[str, float]] = field(default_factory=list)
     evaluations: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None  # as the checkpoint keeps it
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -129,8 +136,12 @@ def train_loop(
     wrap: Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None,
     writes_checkpoints: bool = True,
     on_checkpoint: CheckpointHook | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run `schedule` on `model`, resuming from `checkpoint_path` when it exists.
+
+    The caller chooses deterministic mode (`deterministic_mode(config.deterministic)`
+    around this call, as `finetune` and `pretrain` do).
 
     Args:
         model: the network, with its starting weights.
@@ -150,6 +161,8 @@ def train_loop(
         writes_checkpoints: False on data-parallel ranks other than 0 (they only read).
         on_checkpoint: called with the checkpoint's path after each write (e.g. to copy it
             to shared storage, so another host can resume the run).
+        provenance: what made this run (`bit_core.provenance`), kept in the checkpoint's
+            meta; unlike `checkpoint_meta` not compared on resume (another host may resume).
     """
     device = resolve_device(config.device)
     model.to(device)
@@ -201,7 +214,12 @@ def train_loop(
                 model,
                 optimizer,
                 steps_done,
-                {**meta, "history": history, "evaluations": evaluations},
+                {
+                    **meta,
+                    "history": history,
+                    "evaluations": evaluations,
+                    **({"provenance": provenance} if provenance is not None else {}),
+                },
             )
             if on_checkpoint is not None:
                 on_checkpoint(Path(checkpoint_path))
@@ -269,6 +287,7 @@ def train_loop(
         micro_batch_size=micro,
         history=history,
         evaluations=evaluations,
+        provenance=provenance,
     )
 
 
@@ -284,6 +303,7 @@ def finetune(
     should_stop: StopCheck | None = None,
     on_checkpoint: CheckpointHook | None = None,
     on_validation: ValidationHook | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune `model` on `train` with a BiT-HyperRule plan (full mode).
 
@@ -299,6 +319,7 @@ def finetune(
         on_checkpoint: called with the checkpoint's path after each write.
         on_validation: called with (steps done, metrics) after each validation on `val`,
             as it happens (e.g. to draw the validation curve while the run goes on).
+        provenance: kept in the checkpoint (`bit_core.provenance.run_provenance`).
 
     Returns:
         The TrainResult; `result.model` holds the trained weights.
@@ -336,17 +357,19 @@ def finetune(
             on_validation(steps_done, summary)
         return summary
 
-    return train_loop(
-        model,
-        plan,
-        batches,
-        soft_cross_entropy,
-        config,
-        checkpoint_path=checkpoint_path,
-        checkpoint_meta={"sampler": sampler.state_dict(), "classes": list(train.classes)},
-        on_progress=on_progress,
-        should_stop=should_stop,
-        on_eval=on_eval,
-        image_side=plan.crop,
-        on_checkpoint=on_checkpoint,
-    )
+    with deterministic_mode(config.deterministic):
+        return train_loop(
+            model,
+            plan,
+            batches,
+            soft_cross_entropy,
+            config,
+            checkpoint_path=checkpoint_path,
+            checkpoint_meta={"sampler": sampler.state_dict(), "classes": list(train.classes)},
+            on_progress=on_progress,
+            should_stop=should_stop,
+            on_eval=on_eval,
+            image_side=plan.crop,
+            on_checkpoint=on_checkpoint,
+            provenance=provenance,
+        )

@@ -13,6 +13,7 @@ from service.api.routes import quotas as quota_routes
 from service.api.routes import webhooks as webhook_routes
 from service.dashboard import install as install_dashboard
 from service.errors import install_error_handlers
+from service.inference import check_inference_settings
 from service.inference.inference import install as install_inference
 from service.lookups import install as install_lookups
 from service.metrics import RequestMetrics
@@ -33,8 +34,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; `settings` overrides the environment (tests)."""
     settings = settings or get_settings()
     check_webhook_settings(settings)  # refuse to start with webhooks on and a weak secret
+    backend = check_inference_settings(settings)  # or with an inference backend that cannot run
     app = FastAPI(title="BiT service", version="0.1.0", description=API_DESCRIPTION)
     app.state.settings = settings  # what `deps.SettingsDep` injects
+    app.state.inference_backend = backend  # shown by /readyz
     install_error_handlers(app)
     install_lookups(app)  # the callers of keys and the models of ids, briefly remembered
     install_rate_limit(app)  # a token bucket per API key, checked once the key is known

@@ -75,6 +75,17 @@ def _check_webhooks() -> None:
         raise SystemExit(f"error: {exc}") from None
 
 
+def _check_inference() -> None:
+    """Exit with the reason when the configured inference backend cannot run here."""
+    from bit_core.backends import BackendUnavailable
+    from service.inference import check_inference_settings
+
+    try:
+        check_inference_settings(get_settings())
+    except (BackendUnavailable, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def _cmd_migrate(_: argparse.Namespace) -> int:
     from service.db.migrate import upgrade
 
@@ -185,6 +196,7 @@ def _serve_api(host: str, port: int) -> None:
 
 def _cmd_api(args: argparse.Namespace) -> int:
     _check_webhooks()
+    _check_inference()
     settings = get_settings()
     _serve_api(args.host or settings.host, args.port or settings.port)
     return 0
@@ -208,6 +220,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _check_webhooks()
+    _check_inference()
     settings = get_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)

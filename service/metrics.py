@@ -9,7 +9,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +30,18 @@ PREDICT_BATCH = Histogram(
     "Images per model forward",
     registry=REGISTRY,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BACKBONE_FORWARDS = Counter(
+    "bit_backbone_forwards_total",
+    "Backbone forward calls by inference backend (one may serve several models' requests)",
+    ["backend"],
+    registry=REGISTRY,
+)
+MODEL_CACHE = Gauge(
+    "bit_model_cache",
+    "The API process's model cache: models and backbones held, and their weights' bytes",
+    ["what"],
+    registry=REGISTRY,
 )
 
 

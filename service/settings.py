@@ -89,6 +89,12 @@ class Settings(BaseSettings):
     # Fine-tuning and prediction: "auto" is bf16 autocast on CUDA and fp32 on a CPU; "bf16"
     # is faster on a CPU with AMX too (BENCHMARKS.md); "fp32" is the official code's.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # Training jobs run with PyTorch's deterministic algorithms (bit_core.reproducibility):
+    # GPU runs of one seed then repeat bit for bit, somewhat slower. CPU runs repeat anyway.
+    deterministic: bool = False
+    # What runs a model's backbone for predict (bit_core/backends.py): "auto" is what
+    # benchmarks/backend_speed.py measured faster for the device (BENCHMARKS.md).
+    inference_backend: Literal["auto", "torch", "onnxruntime"] = "auto"
 
     # Fine-tuning defaults for a CPU-only deployment can be lowered here.
     default_base_model: str = "BiT-M-R50x1"
@@ -151,6 +157,11 @@ class Settings(BaseSettings):
     def broker_folder(self) -> Path:
         """Message folder of the embedded (filesystem) broker."""
         return self.home.resolve() / "broker"
+
+    @property
+    def onnx_cache_dir(self) -> Path:
+        """This host's ONNX graphs of backbones, by weights sha256 (bit_core/backends.py)."""
+        return self.home.resolve() / "cache" / "onnx"
 
     @property
     def embedded(self) -> bool:

@@ -12,6 +12,7 @@ import socket
 from celery import signals
 
 from bit_core.device import resolve_device
+from bit_core.reproducibility import CUBLAS_WORKSPACE_CONFIG
 from service.queueing import make_celery
 from service.settings import get_settings
 from service.webhooks import check_webhook_settings
@@ -23,6 +24,10 @@ from worker.shutdown import request_shutdown
 check_webhook_settings(get_settings())
 app = make_celery(get_settings())
 app.conf.imports = ("worker.tasks",)
+if get_settings().deterministic:
+    # cuBLAS sizes its workspace once, at the process's first GPU matmul (an evaluation may
+    # come before any training job): fixed before then, deterministic jobs repeat.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
 
 
 def worker_name() -> str:

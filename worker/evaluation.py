@@ -26,6 +26,7 @@ from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
 from service.db.models import Evaluation, Job, Model
 from service.jobs.lifecycle import record_progress
+from service.models.bases import ArtifactBaseStore
 from service.settings import Settings
 from worker.job_run import RunState, end_stopped_run, finish_succeeded, run_job
 from worker.shutdown import shutdown_requested
@@ -77,7 +78,7 @@ def _evaluate(
         up_to_id=job.params.get("up_to_image_id"),
         classes=model_row.classes,
     )
-    model, info = load_model(store.fetch_dir(model_row.uri))
+    model, info = load_model(store.fetch_dir(model_row.uri), bases=ArtifactBaseStore(store))
     if info.sha256 != model_row.sha256:
         raise ValueError(
             f"the stored files of model {model_row.id} are not the ones it was registered "

@@ -30,7 +30,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from bit_core import weights
-from bit_core.pretrain_run import CANCEL, PROGRESS, RESULT, SPEC, STATE, write_spec
+from bit_core.pretrain_run import CANCEL, PROGRESS, PROVENANCE, RESULT, SPEC, STATE, write_spec
 from bit_core.train import RunConfig
 from bit_core.upstream import UpstreamPlan
 from service.db.artifacts import ArtifactStore
@@ -403,7 +403,10 @@ def _register(
         session.add(record)
     record.arch, record.source, record.uri = entry.arch, "pretrain", str(entry.path)
     record.sha256, record.job_id = entry.sha256, job.id
-    job.metrics = {"base_model": name, "final_loss": final_loss}
+    metrics = {"base_model": name, "final_loss": final_loss}
+    if (run_dir / PROVENANCE).exists():  # what made the base: seed, plan, data, versions
+        metrics["provenance"] = json.loads((run_dir / PROVENANCE).read_text())
+    job.metrics = metrics
     job.progress = 1.0
     return finish_succeeded(session, job, owner)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from bit_core.checkpoint import WEIGHTS_FILE, sha256_file
+from bit_core.checkpoint import sha256_file, weights_file_of
 from bit_core.data import LabeledImages
 from bit_core.hyperrule import Plan
 from bit_core.recipe import QualityOptions, resolve_base, run_finetune
@@ -21,6 +21,7 @@ from bit_core.train import RunConfig
 from service.datasets.service import labeled_images
 from service.db.artifacts import ArtifactStore
 from service.db.models import Job
+from service.models.bases import ArtifactBaseStore
 from service.models.service import add_model, model_row
 from service.settings import Settings
 from worker.job_run import (
@@ -89,6 +90,23 @@ def job_images(
     return train, val
 
 
+def job_seed(job: Job) -> int:
+    """The seed of every random draw of the job's run: its `seed` override, else its id
+    (jobs created before the override existed have no `seed` in their params)."""
+    return int(job.params.get("seed", job.id))
+
+
+def dataset_version_of(job: Job) -> dict[str, object] | None:
+    """The dataset version the job pinned, for its model's provenance."""
+    if "dataset_version_id" not in job.params:
+        return None
+    return {
+        "dataset_id": job.dataset_id,
+        "dataset_version_id": job.params["dataset_version_id"],
+        "dataset_version": job.params.get("dataset_version"),
+    }
+
+
 def _train_and_register(
     session: Session,
     settings: Settings,
@@ -114,7 +132,8 @@ def _train_and_register(
         plan,
         model_dir,
         config=RunConfig(
-            seed=job.id,
+            seed=job_seed(job),
+            deterministic=settings.deterministic,
             device=settings.device,
             precision=settings.precision,
             checkpoint_every=settings.checkpoint_every,
@@ -123,13 +142,15 @@ def _train_and_register(
         quality=QualityOptions(
             eval_every=int(job.params.get("eval_every", 0)),
             calibrate=bool(job.params.get("calibrate", False)),
-            seed=job.id,
+            seed=job_seed(job),
         ),
         checkpoint_path=checkpoint,
         on_progress=StepTimer(job.kind).wrap(progress),
         should_stop=state.should_stop,
         on_checkpoint=lambda path: store.put_file(checkpoint_key(job), path),
         on_validation=progress.validation,
+        dataset_version=dataset_version_of(job),
+        bases=ArtifactBaseStore(store),
     )
     if state.lease_lost:
         return "lease_lost"  # another run owns the job now; leave everything to it
@@ -144,7 +165,7 @@ def _train_and_register(
             owner,
             shutting_down=not state.cancelled and shutdown_requested(),
         )
-    weights = model_dir / WEIGHTS_FILE
+    weights = model_dir / weights_file_of(info)  # a shared linear model: its head alone
     if sha256_file(weights) != info.sha256:
         raise OSError(f"model file of job {job.id} is corrupt after writing; retry the job")
     # Files first, manifest last: no host loads the model before all of it is stored.

@@ -120,10 +120,17 @@ def _model_context(
         view=report_view(report, threshold=model.threshold) if report else None,
         splits=EVALUATION_SPLITS,
         plan=queries.plan_rows(model.plan or {}),
+        provenance=provenance_rows(models.model_provenance(model)),
         metrics=queries.scalar_rows(training_metrics(model.metrics or {})),
         top_k=min(TRY_TOP_K, len(model.classes)),  # the form's max is the class count
         **_name_context(session, model),
     )
+
+
+def provenance_rows(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    """What made the model, as (name, value) rows; its plan is the page's Plan section."""
+    shown = {key: value for key, value in provenance.items() if key != "plan"}
+    return [(name, "—" if value == "None" else value) for name, value in queries.plan_rows(shown)]
 
 
 def _name_context(session: Session, model: Model) -> dict[str, Any]:

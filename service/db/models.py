@@ -231,6 +231,9 @@ class Model(Timestamped, Base):
     threshold: Mapped[float | None] = mapped_column(Float)
     # Temperature scaling fitted on held-out images: logits / temperature (None: 1).
     temperature: Mapped[float | None] = mapped_column(Float)
+    # A linear model stored as its head: the sha256 of the base backbone it shares (the
+    # artifact store's `bases/{sha256}`). None: the model's weights file is whole.
+    shared_base_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class ModelAlias(Base):

@@ -9,6 +9,10 @@ wait at all: waiting for calls nobody has sent would slow every quiet predict. A
 collector exits when its queue is empty; the next call starts a new one, so idle models
 cost nothing.
 
+Models that share a backbone (linear models of one base) share a lane: the lane's key is
+the backbone, each call brings its model's `finish` (head, temperature, softmax), and a
+batch that mixes such models runs one backbone forward, then each call's head on its rows.
+
 Every forward, of every model, runs on one dedicated thread: the event loop never blocks
 on a model, and forwards never compete with each other for the CPU cores (PyTorch
 already uses them all inside one forward).
@@ -23,6 +27,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -33,7 +38,13 @@ from service.metrics import PREDICT_BATCH
 log = logging.getLogger(__name__)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-"""A model forward: preprocessed rows (N, ...) -> probabilities (N, C)."""
+"""A model forward: preprocessed rows (N, ...) -> probabilities (N, C), or a shared
+backbone's features (N, F) that each call's `Finish` turns into its probabilities."""
+
+Finish = Callable[[torch.Tensor], torch.Tensor]
+"""One model's last step on its own rows of a shared forward: features -> probabilities."""
+
+T = TypeVar("T")
 
 
 def _shutting_down() -> ApiError:
@@ -49,12 +60,20 @@ def _given(rows: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: rows
 
 
+def _finished(forward: Forward, finish: Finish | None) -> Forward:
+    """`forward` followed by `finish`: one call's whole computation."""
+    if finish is None:
+        return forward
+    return lambda rows: finish(forward(rows))
+
+
 @dataclass
 class _Chunk:
     forward: Forward
     rows: torch.Tensor
     future: asyncio.Future[torch.Tensor]
     timing: PredictTiming | None = None
+    finish: Finish | None = None
     ready_at: float = field(default_factory=time.perf_counter)
 
 
@@ -102,11 +121,14 @@ class Batcher:
         forward: Forward,
         rows: torch.Tensor | Awaitable[torch.Tensor],
         timing: PredictTiming | None = None,
+        finish: Finish | None = None,
     ) -> torch.Tensor:
         """Probabilities for `rows`, computed with concurrent calls sharing the same `key`.
 
-        `key` names the model (its id); calls with one key must pass the same model's
-        forward, since their rows are concatenated into one batch. `rows` may be still
+        `key` names what the forward runs (a model, or a backbone that several models
+        share); calls with one key must pass the same forward, since their rows are
+        concatenated into one batch. `finish`, if given, turns this call's rows of the
+        forward's output into its probabilities (its own model's head). `rows` may be still
         coming (an awaitable, e.g. the decoding of a request's images): while it is, a
         batch of this model waits for it (at most `max_wait_s`). `timing`, if given, gets
         the call's wait for the forward thread and its forwards' durations added.
@@ -122,7 +144,8 @@ class Batcher:
             ready: list[tuple[PredictTiming, float | None]] = (
                 [(timing, time.perf_counter())] if timing is not None else []
             )
-            return torch.cat([await self._forward(forward, _given(c), ready) for c in chunks])
+            whole = _finished(forward, finish)
+            return torch.cat([await self._forward(whole, _given(c), ready) for c in chunks])
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(key)
         if lane is None:
@@ -130,7 +153,7 @@ class Batcher:
         futures: list[asyncio.Future[torch.Tensor]] = []
         for chunk in chunks:
             futures.append(loop.create_future())
-            lane.queue.append(_Chunk(forward, chunk, futures[-1], timing))
+            lane.queue.append(_Chunk(forward, chunk, futures[-1], timing, finish))
         lane.arrived.set()
         if lane.task is None:
             lane.task = asyncio.create_task(self._collect(key, lane), name=f"batcher:{key}")
@@ -199,19 +222,24 @@ class Batcher:
             (c.timing, c.ready_at) for c in batch if c.timing is not None
         ]
         parts = [c.rows for c in batch]
+        forward, finishes = batch[0].forward, [c.finish for c in batch]
 
         def concat() -> torch.Tensor:
             # The copy into one batch (tens of MB at 384 px) runs on the thread, not the loop.
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+        def forward_and_finish(rows: torch.Tensor) -> list[torch.Tensor]:
+            # One forward for every call, then each call's own head on its rows.
+            shared = forward(rows).split([len(part) for part in parts])
+            return [out if f is None else f(out) for f, out in zip(finishes, shared, strict=True)]
+
         try:
-            probabilities = await self._forward(batch[0].forward, concat, timed)
+            results = await self._forward(forward_and_finish, concat, timed)
         except Exception as exc:
             for chunk in batch:
                 if not chunk.future.done():
                     chunk.future.set_exception(exc)
             return
-        results = probabilities.split([len(c.rows) for c in batch])
         for chunk, part in zip(batch, results, strict=True):
             if not chunk.future.done():
                 chunk.future.set_result(part)
@@ -228,6 +256,7 @@ class Batcher:
         forward: Forward,
         make_rows: Callable[[], torch.Tensor],
         timing: PredictTiming | None = None,
+        finish: Finish | None = None,
     ) -> torch.Tensor:
         """`forward(make_rows())` in one job on the forward thread, for a call that found
         the batcher `quiet` with its rows still to make (decode): it saves the hand-offs
@@ -236,20 +265,21 @@ class Batcher:
         if self._closed:
             raise _shutting_down()
         self._last_calls = 1
-        return await self._forward(forward, make_rows, [(timing, None)] if timing else [])
+        whole = _finished(forward, finish)
+        return await self._forward(whole, make_rows, [(timing, None)] if timing else [])
 
     async def _forward(
         self,
-        forward: Forward,
+        forward: Callable[[torch.Tensor], T],
         make_batch: Callable[[], torch.Tensor],
         timed: list[tuple[PredictTiming, float | None]],
-    ) -> torch.Tensor:
+    ) -> T:
         """One forward on the forward thread of the batch `make_batch` returns there;
         each (timing, rows ready at) in `timed` gets its wait and the forward's duration
         added (ready at None: rows made in this job, no wait)."""
         began = ended = 0.0
 
-        def make_and_forward() -> torch.Tensor:
+        def make_and_forward() -> T:
             nonlocal began, ended
             batch = make_batch()
             PREDICT_BATCH.observe(len(batch))

@@ -8,6 +8,7 @@ thread → top-k. One instance lives on `app.state.inference`, created on first 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -19,6 +20,8 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, FastAPI, Request
 
+from bit_core.backends import resolve_backend
+from bit_core.device import resolve_device
 from bit_core.images import ImageDecodeError, ImageSource
 from bit_core.predict import Prediction, Predictor
 from service.db.artifacts import ArtifactStore, store_for
@@ -27,7 +30,10 @@ from service.inference.batcher import Batcher, Forward
 from service.inference.cache import ModelCache, ModelRef, load_from_store
 from service.inference.threads import to_fresh_thread
 from service.inference.timing import PredictTiming
+from service.metrics import BACKBONE_FORWARDS
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # On a CPU a forward over many rows is slower per image than several over a few: past a
 # few rows a batch's activations no longer fit in the CPU's caches, and at large crops one
@@ -52,17 +58,34 @@ def forward_rows(predictor: Predictor) -> int | None:
 
 
 def batched_forward(predictor: Predictor) -> Forward:
-    """`predictor.probabilities`, in slices of `forward_rows` rows on a CPU."""
+    """The predictor's backbone (images -> features), in slices of `forward_rows` rows on
+    a CPU; `predictor.finish` turns the features into its probabilities."""
     rows = forward_rows(predictor)
+    forwards = BACKBONE_FORWARDS.labels(predictor.backend)
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        forwards.inc()
+        return predictor.features(batch)
+
     if rows is None:
-        return predictor.probabilities
+        return features
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         if len(batch) <= rows:
-            return predictor.probabilities(batch)
-        return torch.cat([predictor.probabilities(part) for part in batch.split(rows)])
+            return features(batch)
+        return torch.cat([features(part) for part in batch.split(rows)])
 
     return forward
+
+
+def check_inference_settings(settings: Settings) -> str:
+    """The backend predict will use; raises BackendUnavailable (saying what to install or
+    set) when the one configured cannot run here, so a process refuses to start."""
+    backend = resolve_backend(settings.inference_backend, resolve_device(settings.device))
+    log.info(
+        "inference backend: %s (BIT_INFERENCE_BACKEND=%s)", backend, settings.inference_backend
+    )
+    return backend
 
 
 def _image_error(exc: ImageDecodeError) -> ApiError:
@@ -85,7 +108,12 @@ class Inference:
     def from_settings(cls, settings: Settings, store: ArtifactStore) -> Inference:
         """Cache budget, batch size, wait and device as configured."""
         loader = partial(
-            load_from_store, store, device=settings.device, precision=settings.precision
+            load_from_store,
+            store,
+            device=settings.device,
+            precision=settings.precision,
+            backend=settings.inference_backend,
+            onnx_cache_dir=settings.onnx_cache_dir,
         )
         return cls(
             ModelCache(loader, settings.model_cache_bytes),
@@ -144,10 +172,13 @@ class Inference:
 
         def chunk(start: int) -> Awaitable[torch.Tensor]:
             if alone:
-                return self.batcher.run_alone(forward, partial(decode, start), timing)
+                return self.batcher.run_alone(
+                    forward, partial(decode, start), timing, predictor.finish
+                )
             rows = loop.run_in_executor(self._decode, decode, start)
-            # Handed over while decoding: a batch of this model waits for it.
-            return self.batcher.run(ref.id, forward, rows, timing)
+            # Handed over while decoding: a batch on this backbone waits for it. Models
+            # sharing the backbone share its batches; each call's head finishes its rows.
+            return self.batcher.run(predictor.backbone_key, forward, rows, timing, predictor.finish)
 
         results = await asyncio.gather(
             *(chunk(start) for start in range(0, len(sources), step)), return_exceptions=True

@@ -15,6 +15,10 @@ So in the API process:
 - occasional heavy work (loading a model) runs on a fresh thread
   that exits when done, which takes its team with it.
 
+With the onnxruntime backend a backbone's forward runs on its session's own thread pool
+(one per loaded backbone, sized like torch's); only the pool that just ran spins, and the
+forward thread still runs the heads in torch.
+
 A GPU is not affected: its kernels run on the device whichever thread launches them.
 """
 

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from service.db.models import MAX_ID
 from service.webhooks.schemas import WebhookDeliveryRead
 
+MAX_SEED = 2**63 - 1
+
 
 class FinetuneOverrides(BaseModel):
     """Overrides of the BiT-HyperRule plan; anything unset follows the rule."""
@@ -42,6 +44,16 @@ class FinetuneOverrides(BaseModel):
         default=None,
         description="fit a temperature on the held-out images so that probabilities match "
         "accuracy (default false)",
+    )
+    # How the job draws its random numbers (not part of the HyperRule plan).
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of every random draw of the job: the automatic hold-out, the "
+        "initial weights of a base without weights, batches, augmentation, MixUp (default: "
+        "the job's id); two jobs of one seed, plan and dataset version train the same model "
+        "on a CPU, and on a GPU where the server runs in deterministic mode",
     )
 
     def as_dict(self) -> dict[str, Any]:
@@ -101,9 +113,10 @@ class JobRead(BaseModel):
     mode: str
     plan: dict[str, Any] = Field(
         validation_alias="params",
-        description="the resolved plan; a fine-tuning job's also holds `holdout` (`source` "
-        "split|auto|none, `fraction`, `seed`, `val_image_ids`: the images that measure it "
-        "and never train it), `eval_every` and `calibrate`",
+        description="the resolved plan; a fine-tuning job's also holds `seed` (of every "
+        "random draw of its run), `holdout` (`source` split|auto|none, `fraction`, `seed`, "
+        "`val_image_ids`: the images that measure it and never train it), `eval_every` and "
+        "`calibrate`",
     )
     progress: float
     step: int

@@ -67,6 +67,8 @@ def _members(dataset_id: int, version_id: int | None) -> tuple[Any, Any, Any, An
 
 # Overrides of how a job measures its model, not of the HyperRule plan.
 QUALITY_OVERRIDES = ("holdout_fraction", "eval_every", "calibrate")
+# Overrides of how a job draws its random numbers.
+SEED_OVERRIDE = "seed"
 
 
 def resolve_plan(
@@ -186,7 +188,12 @@ def create_finetune_job(
     dataset = _visible_dataset(session, principal, dataset_id)
     base_name, arch = resolve_base_model(settings, base_model or settings.default_base_model)
     quality = {key: overrides[key] for key in QUALITY_OVERRIDES if key in overrides}
-    overrides = {key: value for key, value in overrides.items() if key not in QUALITY_OVERRIDES}
+    seed_override = overrides.get(SEED_OVERRIDE)
+    overrides = {
+        key: value
+        for key, value in overrides.items()
+        if key not in QUALITY_OVERRIDES and key != SEED_OVERRIDE
+    }
     # The job pins the dataset as it is now: later changes make new versions it never sees.
     version = current_version(session, dataset.id)
     plan = resolve_plan(
@@ -212,14 +219,15 @@ def create_finetune_job(
         enqueued_at=utcnow(),
     )
     session.add(job)
-    session.flush()  # the id is the job's seed: of its hold-out, as of its training run
+    session.flush()  # the id is the job's default seed: of its hold-out, as of its run
+    seed = job.id if seed_override is None else int(seed_override)
     fraction = quality.get("holdout_fraction")
     holdout = choose_holdout(
         session,
         dataset_id=dataset.id,
         classes=plan["classes"],
         fraction=DEFAULT_HOLDOUT_FRACTION if fraction is None else float(fraction),
-        seed=job.id,
+        seed=seed,
         version_id=version.id,
     )
     if holdout["source"] == "auto":
@@ -239,6 +247,7 @@ def create_finetune_job(
         eval_every = default_eval_every(mode, total_steps, bool(holdout["val_image_ids"]))
     job.params = {
         **plan,
+        "seed": seed,
         "holdout": holdout,
         "dataset_version_id": version.id,
         "dataset_version": version.number,

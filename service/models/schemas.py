@@ -5,7 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_validator,
+)
 
 from service.db.models import MAX_ID
 from service.models.status import ModelStatus
@@ -38,6 +46,24 @@ MODEL_EXAMPLE: dict[str, Any] = {
     "status": ModelStatus.READY.value,
     "threshold": 0.6,
     "temperature": 1.4,
+    "provenance": {
+        "seed": 12,
+        "plan": {"steps": 500, "batch_size": 512, "base_lr": 0.003},
+        "dataset_version": {"dataset_id": 1, "dataset_version_id": 4, "dataset_version": 2},
+        "data": None,
+        "base_model": "BiT-M-R50x1",
+        "base_sha256": "8e1a2c6f4b9d" + "0" * 52,
+        "bit_service_version": "0.1.0",
+        "git_commit": None,
+        "git_dirty": None,
+        "python_version": "3.12.3",
+        "torch_version": "2.6.0+cu124",
+        "cuda_version": "12.4",
+        "cudnn_version": 90100,
+        "device": "cuda:0 (NVIDIA A100-SXM4-80GB)",
+        "precision": "bf16",
+        "deterministic": False,
+    },
     "created_at": "2025-01-01T12:00:00Z",
 }
 
@@ -97,8 +123,16 @@ class ModelRead(ModelBase):
         description="1, 2, 3, ... among the models of its name (`name:3` in predict)",
     )
     job_id: int | None = Field(description="the fine-tuning job that produced it")
-    sha256: str = Field(description="sha256 of the weights file")
-    size_bytes: int
+    sha256: str = Field(
+        description="sha256 of the weights file (of the head file, for a model that shares "
+        "its base)"
+    )
+    size_bytes: int = Field(description="bytes of its own files (its head alone, when shared)")
+    shared_base_sha256: str | None = Field(
+        None,
+        description="a linear model stored as its head: the sha256 of the base backbone it "
+        "shares with other models of that base (loaded once per server); null: whole",
+    )
     status: str = Field(description="ready | archived")
     threshold: float | None = Field(
         None, description="default probability threshold of predict (PATCH sets it); null: none"
@@ -106,7 +140,24 @@ class ModelRead(ModelBase):
     temperature: float | None = Field(
         None, description="predict divides the logits by it (fitted on held-out images)"
     )
+    provenance: dict[str, Any] = Field(
+        default_factory=dict,
+        # Stored in the metrics column (service.models.service.PROVENANCE_KEY).
+        validation_alias=AliasChoices(AliasPath("metrics", "provenance"), "provenance"),
+        description="what made the model: `seed`, `plan`, `dataset_version` (dataset id, "
+        "version id and number), `base_model` and `base_sha256` (its weights file; null "
+        "from scratch), `bit_service_version`, `git_commit` and `git_dirty` (where known), "
+        "`python_version`, `torch_version`, `cuda_version`, `cudnn_version`, `device`, "
+        "`precision` and `deterministic` (whether deterministic algorithms were on); {} for "
+        "models trained before it was recorded",
+    )
     created_at: dt.datetime
+
+    @field_validator("metrics")
+    @classmethod
+    def _without_provenance(cls, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The provenance is its own field: `metrics` only holds what training measured."""
+        return {key: value for key, value in metrics.items() if key != "provenance"}
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -11,6 +11,7 @@ import base64
 import binascii
 import logging
 import re
+from typing import Any
 
 from sqlalchemy import Select, delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -108,6 +109,24 @@ def model_for_prediction(session: Session, *, principal: Principal, model_id: in
     return model
 
 
+# A model's provenance (ModelInfo.provenance) is kept in its `metrics` column under this
+# key: JSON like the rest of what its run recorded, and no migration for it.
+PROVENANCE_KEY = "provenance"
+
+
+def stored_metrics(info: ModelInfo) -> dict[str, Any]:
+    """The `metrics` column of a model: what its run measured, and what made it."""
+    if not info.provenance:
+        return dict(info.metrics)
+    return {**info.metrics, PROVENANCE_KEY: info.provenance}
+
+
+def model_provenance(model: Model) -> dict[str, Any]:
+    """What made the model (seed, plan, data, base, versions, device); {} if unrecorded."""
+    provenance = (model.metrics or {}).get(PROVENANCE_KEY)
+    return provenance if isinstance(provenance, dict) else {}
+
+
 def model_row(
     info: ModelInfo, *, job: Job, uri: str, size_bytes: int, name: str | None = None
 ) -> Model:
@@ -123,11 +142,12 @@ def model_row(
         crop=info.crop,
         base_model=info.base_model,
         plan=info.plan,
-        metrics=info.metrics,
+        metrics=stored_metrics(info),
         temperature=info.temperature,  # fitted on held-out images, when the job calibrated
         uri=uri,
         sha256=info.sha256,
         size_bytes=size_bytes,
+        shared_base_sha256=info.shared_base["sha256"] if info.shared_base else None,
     )
 
 

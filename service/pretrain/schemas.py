@@ -44,7 +44,14 @@ class PretrainRequest(BaseModel):
     max_restarts: int = Field(default=3, ge=0, le=100)
     overrides: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,100}$")
-    seed: int = 0
+    seed: int = Field(
+        default=0,
+        ge=0,
+        le=2**63 - 1,
+        description="seed of the initial weights, batches and augmentation: two runs of one "
+        "seed, data and world size end with the same weights (on GPUs, with the server in "
+        "deterministic mode)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> PretrainRequest:

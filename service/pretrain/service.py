@@ -128,6 +128,7 @@ def create_pretrain_job(
             "name": request.name,
             "config": {
                 "seed": request.seed,
+                "deterministic": settings.deterministic,
                 "device": settings.device,
                 "checkpoint_every": settings.checkpoint_every,
             },

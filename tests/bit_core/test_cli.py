@@ -99,6 +99,31 @@ def test_linear_mode_from_the_cli(tmp_path: Path, train_folder: Path):
     # Nothing held out (6 per class): the quality line is the cross-validated estimate.
     assert "quality: top-1" in trained.stdout and "linear-probe" in trained.stdout
 
+    # --share-base: the head alone in the model folder, the base once in $BIT_HOME/bases.
+    args = ["finetune", str(train_folder), "--base", str(npz), "--mode", "linear"]
+    shared = bit(*args, "--crop", "32", "--out", "head", "--share-base", "--quiet", cwd=tmp_path)
+    assert shared.returncode == 0, shared.stderr
+    assert "is shared" in shared.stdout and "bit export --format bundle" in shared.stdout
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
+        "head.safetensors",
+        "model.json",
+    ]
+    assert len(list((tmp_path / ".bit" / "bases").iterdir())) == 1
+    image = str(next((train_folder / "blue_disc").iterdir()))
+    answers = {}
+    for model in ("lin", "head"):
+        for backend in ("torch", "onnxruntime"):
+            run = bit("predict", model, image, "--json", "--backend", backend, cwd=tmp_path)
+            assert run.returncode == 0, run.stderr
+            answers[model, backend] = json.loads(run.stdout)[0]["predictions"]
+    for (model, backend), predictions in answers.items():
+        reference = answers[model, "torch"]  # each backend answers as torch does
+        assert [p["label"] for p in predictions] == [p["label"] for p in reference], backend
+        for got, want in zip(predictions, reference, strict=True):
+            assert abs(got["probability"] - want["probability"]) <= 1e-4, backend
+    elsewhere = bit("predict", "head", image, "--bases-dir", "nowhere", cwd=tmp_path)
+    assert elsewhere.returncode == 2 and "bit export --format bundle" in elsewhere.stderr
+
 
 @pytest.mark.slow
 def test_cli_holdout_and_calibrate(tmp_path: Path):

@@ -65,8 +65,9 @@ def test_predictor_matches_evaluation_and_ranks_top_k(
     reference = evaluate(model, train, 48)
     save_model(tmp_path / "m", model, ModelInfo("R14x0.5", list(train.classes), crop=48))
 
-    predictor = Predictor.load(tmp_path / "m", device="cpu")
-    assert all(m.standardized for m in predictor.model.modules() if isinstance(m, StdConv2d))
+    predictor = Predictor.load(tmp_path / "m", device="cpu", backend="torch")
+    backbone = predictor.features.model  # type: ignore[attr-defined]
+    assert all(m.standardized for m in backbone.modules() if isinstance(m, StdConv2d))
     results = predictor.predict(list(train.sources), top_k=2)
     assert all(len(r) == 2 and r[0].probability >= r[1].probability for r in results)
     top1 = sum(r[0].label == train.classes[y] for r, y in zip(results, train.labels, strict=True))
@@ -86,7 +87,7 @@ def test_predictor_applies_the_models_temperature(tmp_path: Path, train_folder: 
         model.head.bias.copy_(torch.tensor([2.0, 0.0, -1.0]))  # a confident, fixed answer
     info = ModelInfo("R14x0.5", list(train.classes), crop=32, temperature=2.0)
     save_model(tmp_path / "m", model, info)
-    plain = Predictor(model, list(train.classes), 32, device="cpu")
+    plain = Predictor.from_model(model, list(train.classes), 32, device="cpu")
     scaled = Predictor.load(tmp_path / "m", device="cpu")
     assert scaled.temperature == 2.0 and plain.temperature is None
     batch = scaled.preprocess([train.sources[0]])
@@ -95,4 +96,4 @@ def test_predictor_applies_the_models_temperature(tmp_path: Path, train_folder: 
     assert torch.allclose(scaled.probabilities(batch), expected, atol=1e-5)
     assert torch.allclose(plain.probabilities(batch), torch.softmax(logits, -1), atol=1e-5)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        Predictor(model, list(train.classes), 32, device="cpu", temperature=0.0)
+        Predictor.from_model(model, list(train.classes), 32, device="cpu", temperature=0.0)

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 import bit_core.layers as layers
-from bit_core.layers import GN_EPS, GN_GROUPS, WS_EPS, StdConv2d, standardize_weight
+from bit_core.layers import (
+    GN_EPS,
+    GN_GROUPS,
+    WS_EPS,
+    GlobalAvgPool2d,
+    StdConv2d,
+    standardize_weight,
+)
 from bit_core.registry import (
     ARCHITECTURES,
     OFFICIAL_ARCHS,
@@ -192,7 +199,7 @@ def test_structure(name: str) -> None:
 
     # Head: GN, ReLU, global average pool, 1x1 conv.
     assert list(dict(model.head.named_children())) == ["gn", "relu", "avg", "conv"]
-    assert isinstance(model.head.avg, nn.AdaptiveAvgPool2d)
+    assert isinstance(model.head.avg, GlobalAvgPool2d)
 
     blocks = list(model.body.named_children())
     assert [block_name for block_name, _ in blocks] == ["block1", "block2", "block3", "block4"]

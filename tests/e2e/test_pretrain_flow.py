@@ -47,6 +47,8 @@ def test_pretrained_base_model_fine_tunes_through_the_api(live: LiveService):
         done = live.wait_job(admin, job.json()["id"], ("succeeded", "failed"), timeout=400)
         assert done["status"] == "succeeded", done
         assert done["step"] == 12 and done["metrics"]["base_model"] == "house-R14"
+        made_by = done["metrics"]["provenance"]  # what made the base
+        assert made_by["seed"] == 0 and made_by["world"] == 2 and made_by["base_sha256"] is None
 
         bases = {b["name"]: b for b in user.get("/v1/base-models").json()}
         assert bases["house-R14"]["installed"] and bases["house-R14"]["arch"] == "R14x0.5"
@@ -63,6 +65,9 @@ def test_pretrained_base_model_fine_tunes_through_the_api(live: LiveService):
         assert finetune.status_code == 202, finetune.text
         tuned = live.wait_job(user, finetune.json()["id"], ("succeeded", "failed"), timeout=300)
         assert tuned["status"] == "succeeded" and tuned["base_model"] == "house-R14"
+        model = user.get(f"/v1/models/{tuned['model_id']}").json()
+        assert model["provenance"]["base_sha256"] == bases["house-R14"]["sha256"]
+        assert model["provenance"]["seed"] == tuned["id"]  # the default seed: the job's id
 
 
 def test_worker_killed_during_pretraining_resumes_without_a_second_run(tmp_path, postgres_url):

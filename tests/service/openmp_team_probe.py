@@ -52,15 +52,16 @@ def settled(expected: int) -> int:
 
 
 async def serve(store: LocalArtifactStore, ref: ModelRef) -> dict[str, Any]:
+    # torch's backend: ONNX Runtime's sessions keep thread pools of their own, by design.
     inference = Inference(
-        ModelCache(partial(load_from_store, store, device="cpu"), 1 << 30),
+        ModelCache(partial(load_from_store, store, device="cpu", backend="torch"), 1 << 30),
         Batcher(max_batch_size=4, max_wait_s=0.001),
         decode_threads=2,
     )
-    before = native_threads()
     # Small PNGs, and photos large enough that their resize would go parallel if it could.
     images = [png_bytes(i) for i in range(6)] + [photo_jpeg(i) for i in range(2)]
     names = [f"{i}" for i in range(8)]
+    before = native_threads()
     for _ in range(3):  # concurrent calls: decode threads and the forward thread all busy
         await asyncio.gather(*(inference.predict(ref, images, names, top_k=1) for _ in range(3)))
     # Occasional heavy work (here a forward outside the batcher) on a fresh thread.

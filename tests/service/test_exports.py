@@ -111,7 +111,7 @@ def test_npz_export_reloads_with_its_head(
     reference = Predictor.load(template, device="cpu")
     with np.load(tmp_path / "m.npz") as archive:
         assert "resnet/head/conv2d/bias" in archive.files
-    predictor = Predictor(model, info.classes, info.crop, device="cpu", info=info)
+    predictor = Predictor.from_model(model, info.classes, info.crop, device="cpu", info=info)
     batch = reference.preprocess([b for _, (_, b, _) in uploads(2)])
     assert np.allclose(predictor.probabilities(batch), reference.probabilities(batch), atol=1e-6)
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from fastapi.testclient import TestClient
 
+from bit_core.backends import BackendUnavailable, onnxruntime_installed
+from service.app import create_app
 from service.db.models import Worker, utcnow
 from service.db.session import session_scope
 from service.settings import Settings
@@ -19,6 +22,17 @@ def test_healthz_and_readyz(client: TestClient):
     assert {k: checks[k] for k in ("database", "broker", "artifacts")} == dict.fromkeys(
         ("database", "broker", "artifacts"), "ok"
     )
+    backend = "onnxruntime" if onnxruntime_installed() else "torch"  # auto, on a CPU
+    assert ready.json()["inference_backend"] == backend
+
+
+def test_a_backend_that_cannot_run_refuses_to_start(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr("bit_core.backends.onnxruntime_installed", lambda: False)
+    chosen = settings.model_copy(update={"inference_backend": "onnxruntime"})
+    with pytest.raises(BackendUnavailable, match="BIT_INFERENCE_BACKEND=torch"):
+        create_app(chosen)
 
 
 def test_readyz_says_when_no_worker_is_alive_but_stays_ready(

@@ -17,12 +17,19 @@ import pytest
 import torch
 
 import bit_core
+from bit_core.backends import onnxruntime_installed
 from bit_core.checkpoint import WEIGHTS_FILE
 from bit_core.predict import Predictor
 from service.db.artifacts import LocalArtifactStore
 from service.errors import ApiError
 from service.inference.batcher import Batcher
-from service.inference.cache import ModelCache, ModelRef, load_from_store, predictor_bytes
+from service.inference.cache import (
+    Backbones,
+    ModelCache,
+    ModelRef,
+    load_from_store,
+    predictor_bytes,
+)
 from service.inference.inference import Inference
 from service.inference.timing import PredictTiming
 from service.metrics import REGISTRY
@@ -410,7 +417,9 @@ def test_close_fails_calls_still_queued_after_its_timeout(predictor: Predictor, 
 
 
 def tiny_predictor() -> Predictor:
-    return Predictor(bit_core.create_model("R14x0.5", 3), ["a", "b", "c"], 32, device="cpu")
+    return Predictor.from_model(
+        bit_core.create_model("R14x0.5", 3), ["a", "b", "c"], 32, device="cpu"
+    )
 
 
 def ref(model_id: int) -> ModelRef:
@@ -420,7 +429,7 @@ def ref(model_id: int) -> ModelRef:
 def test_cache_evicts_least_recently_used_models_by_bytes():
     loads: list[int] = []
 
-    def loader(r: ModelRef) -> Predictor:
+    def loader(r: ModelRef, _backbones: Backbones) -> Predictor:
         loads.append(r.id)
         return tiny_predictor()
 
@@ -443,7 +452,7 @@ def test_cache_evicts_least_recently_used_models_by_bytes():
 
 
 def test_a_model_over_the_whole_budget_is_still_served_alone():
-    cache = ModelCache(lambda r: tiny_predictor(), max_bytes=1)
+    cache = ModelCache(lambda r, _: tiny_predictor(), max_bytes=1)
     cache.get(ref(1))
     cache.get(ref(2))
     assert cache.ids() == [2]
@@ -454,7 +463,7 @@ def test_concurrent_first_requests_load_a_model_once():
     started, release = threading.Event(), threading.Event()
     shared = tiny_predictor()
 
-    def loader(r: ModelRef) -> Predictor:
+    def loader(r: ModelRef, _backbones: Backbones) -> Predictor:
         loads.append(r.id)
         started.set()
         assert release.wait(TIMEOUT_S)
@@ -476,7 +485,7 @@ def test_concurrent_first_requests_load_a_model_once():
 def test_a_failed_load_is_not_cached_and_is_retried():
     failures = [ApiError(503, "artifact_store_unavailable", "the store is down")]
 
-    def loader(r: ModelRef) -> Predictor:
+    def loader(r: ModelRef, _backbones: Backbones) -> Predictor:
         if failures:
             raise failures.pop()
         return tiny_predictor()
@@ -492,7 +501,7 @@ def test_a_failed_load_is_not_cached_and_is_retried():
 def test_a_model_evicted_while_loading_is_served_but_not_cached():
     started, release = threading.Event(), threading.Event()
 
-    def loader(r: ModelRef) -> Predictor:
+    def loader(r: ModelRef, _backbones: Backbones) -> Predictor:
         started.set()
         assert release.wait(TIMEOUT_S)
         return tiny_predictor()
@@ -676,17 +685,23 @@ def test_only_the_forward_thread_keeps_an_openmp_team(tmp_path: Path):
     assert counts["after"] == counts["expected"], counts
 
 
-def test_the_precision_setting_reaches_the_served_predictor(
+def test_the_precision_and_backend_settings_reach_the_served_predictor(
     stored: tuple[LocalArtifactStore, ModelRef], tmp_path: Path
 ):
     store, model = stored
-    settings = Settings(home=tmp_path, device="cpu", precision="bf16")
 
-    async def main() -> Predictor:
+    async def served(settings: Settings) -> Predictor:
         inference = Inference.from_settings(settings, store)
         try:
             return await inference.predictor(model)
         finally:
             await inference.aclose()
 
-    assert asyncio.run(main()).precision == "bf16"
+    torch_bf16 = Settings(home=tmp_path, device="cpu", precision="bf16", inference_backend="torch")
+    predictor = asyncio.run(served(torch_bf16))
+    assert predictor.backend == "torch"
+    assert predictor.features.precision == "bf16"  # type: ignore[attr-defined]
+    if onnxruntime_installed():
+        onnx = Settings(home=tmp_path, device="cpu", inference_backend="onnxruntime")
+        assert asyncio.run(served(onnx)).backend == "onnxruntime"
+        assert list((tmp_path / "cache" / "onnx").glob(f"{model.sha256}.*.onnx"))

@@ -65,9 +65,11 @@ def queue_finetune(
     mode: str = "full",
     callback_url: str | None = None,
     before_job: Callable[[Session, int], None] | None = None,
+    base_model: str = "R14x0.5",
 ) -> int:
-    """A dataset of `items` for tenant acme and a queued R14x0.5 fine-tuning job on it, made
-    by the service's own functions; `before_job(session, dataset_id)` runs between the two."""
+    """A dataset of `items` for tenant acme and a queued fine-tuning job on it (from scratch
+    on an R14x0.5 by default), made by the service's own functions; `before_job(session,
+    dataset_id)` runs between the two."""
     store = LocalArtifactStore(settings.artifacts_url)
     with session_scope(settings.database_url) as session:
         dataset = create_dataset(session, store, settings, tenant="acme", name=name, items=items)
@@ -78,7 +80,7 @@ def queue_finetune(
             settings,
             principal=Principal(1, "acme", "user"),
             dataset_id=dataset.id,
-            base_model="R14x0.5",
+            base_model=base_model,
             mode=mode,
             overrides=overrides,
             callback_url=callback_url,

@@ -29,6 +29,7 @@ from service.deps import (
 )
 from service.errors import ApiError, error_responses
 from service.models import service
+from service.models.bases import ArtifactBaseStore
 from service.models.schemas import ModelRead
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def export_model(
     scratch = tempfile.mkdtemp(prefix="bit-export-")
     filename = f"{model.name or 'model'}-v{model.version}{SUFFIXES[format]}"
     try:
-        out = export(directory, format, Path(scratch) / filename)
+        out = export(directory, format, Path(scratch) / filename, bases=ArtifactBaseStore(store))
     except ExportUnavailable as exc:
         _remove(scratch)
         raise ApiError(501, "export_unavailable", f"{exc}; ask an operator to install it") from exc
@@ -213,7 +214,7 @@ def import_model(
         crop=info.crop,
         base_model=info.base_model,
         plan={**info.plan, "imported": True},
-        metrics=info.metrics,
+        metrics=service.stored_metrics(info),  # its provenance too, as the bundle holds it
         temperature=info.temperature,
         uri=key,
         sha256=info.sha256,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -26,9 +26,12 @@ def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", summary="Readiness: database, broker and artifact store reachable")
-def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONResponse:
+def readyz(
+    request: Request, session: SessionDep, settings: SettingsDep, store: StoreDep
+) -> JSONResponse:
     """503 with the failing component(s) named if any dependency is down; also says how
-    many workers are alive (`workers_alive` false: queued jobs wait for one)."""
+    many workers are alive (`workers_alive` false: queued jobs wait for one) and which
+    inference backend predict runs on."""
     checks: dict[str, Any] = {}
     try:
         session.execute(text("SELECT 1"))
@@ -51,7 +54,12 @@ def readyz(session: SessionDep, settings: SettingsDep, store: StoreDep) -> JSONR
     # still serves predictions; queued jobs wait until a worker heartbeats.
     checks["workers"], alive = _workers(session, settings, checks["database"] == "ok")
     return JSONResponse(
-        {"ready": ready, "checks": checks, "workers_alive": alive},
+        {
+            "ready": ready,
+            "checks": checks,
+            "workers_alive": alive,
+            "inference_backend": getattr(request.app.state, "inference_backend", None),
+        },
         status_code=200 if ready else 503,
     )
 
