@@ -1,4 +1,5 @@
-"""The model page says what made the model: seed, data version, base weights, versions."""
+"""The model page says what made the model (seed, data version, base weights, versions)
+and whether it shares its base."""
 
 from __future__ import annotations
 
@@ -54,3 +55,21 @@ def test_the_model_page_shows_its_provenance_and_says_when_there_is_none(
     assert "device cuda:0 (NVIDIA H100)" in shown and "data —" in shown
     assert "total_steps" not in shown  # the plan has its own section
     assert "Not recorded" in older
+
+
+def test_the_model_page_says_when_a_model_shares_its_base(sqlite_settings: Settings):
+    seeded = seed(sqlite_settings)
+    with session_scope(sqlite_settings.database_url) as session:
+        model = session.get(Model, seeded.model_id)
+        assert model is not None
+        model.shared_base_sha256, model.size_bytes = "cd" * 32, 4096
+    with TestClient(create_app(sqlite_settings)) as admin:
+        assert sign_in(admin, new_key(sqlite_settings, "admin")).status_code == 303
+        shared = text_of(admin.get(f"/admin/models/{seeded.model_id}").text)
+        whole = text_of(admin.get(f"/admin/models/{seeded.plain_model_id}").text)
+    assert "4.1 KB, its head alone" in shared and f"shared base {'cd' * 8}…" in shared
+    assert "shared base" not in whole and "MB" in whole
+
+
+def text_of(html: str) -> str:
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
