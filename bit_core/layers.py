@@ -6,6 +6,7 @@ differ exactly in them, and that changes what loaded official weights compute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -74,14 +75,26 @@ class StdConv2d(nn.Conv2d):
             self.standardized = True
 
 
-def conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> StdConv2d:
-    """1x1 weight-standardized convolution without bias."""
-    return StdConv2d(in_chs, out_chs, kernel_size=1, stride=stride, padding=0, bias=False)
+ConvLayer = Callable[..., nn.Conv2d]
+"""Builds a convolution: (in_chs, out_chs, kernel_size=, stride=, padding=, bias=) -> conv.
+BiT's is `StdConv2d`; `nn.Conv2d` gives a plain network (e.g. a BatchNorm baseline)."""
+
+NormLayer = Callable[[int], nn.Module]
+"""Builds a normalization layer over `num_chs` channels. BiT's is `group_norm`."""
 
 
-def conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> StdConv2d:
-    """3x3 weight-standardized convolution without bias, padding 1."""
-    return StdConv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False)
+def conv1x1(
+    in_chs: int, out_chs: int, stride: int = 1, *, conv_layer: ConvLayer = StdConv2d
+) -> nn.Conv2d:
+    """1x1 convolution without bias (weight-standardized by default)."""
+    return conv_layer(in_chs, out_chs, kernel_size=1, stride=stride, padding=0, bias=False)
+
+
+def conv3x3(
+    in_chs: int, out_chs: int, stride: int = 1, *, conv_layer: ConvLayer = StdConv2d
+) -> nn.Conv2d:
+    """3x3 convolution without bias, padding 1 (weight-standardized by default)."""
+    return conv_layer(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
 class GlobalAvgPool2d(nn.Module):
@@ -102,3 +115,8 @@ class GlobalAvgPool2d(nn.Module):
 def group_norm(num_chs: int) -> nn.GroupNorm:
     """GroupNorm with BiT's groups and epsilon."""
     return nn.GroupNorm(GN_GROUPS, num_chs, eps=GN_EPS)
+
+
+def batch_norm(num_chs: int) -> nn.BatchNorm2d:
+    """BatchNorm: the baseline BiT replaces (statistics of each device's batch)."""
+    return nn.BatchNorm2d(num_chs)

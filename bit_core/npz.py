@@ -12,6 +12,7 @@ import zipfile
 
 import numpy as np
 import torch
+from torch import nn
 
 from bit_core.atomic import atomic_write
 from bit_core.layers import StdConv2d
@@ -29,13 +30,21 @@ class CheckpointError(ValueError):
     """A checkpoint file does not fit the model it is loaded into."""
 
 
+def _affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A normalization layer's scale and shift."""
+    weight, bias = norm.weight, norm.bias
+    assert isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+    return weight, bias
+
+
 def checkpoint_keys(model: ResNetV2) -> dict[str, torch.Tensor]:
     """Map every official checkpoint key to the model parameter it holds."""
     conv = "standardized_conv2d/kernel"
+    gamma, beta = _affine(model.head.gn)
     keys = {
         f"{PREFIX}root_block/{conv}": model.root.conv.weight,
-        f"{PREFIX}group_norm/gamma": model.head.gn.weight,
-        f"{PREFIX}group_norm/beta": model.head.gn.bias,
+        f"{PREFIX}group_norm/gamma": gamma,
+        f"{PREFIX}group_norm/beta": beta,
         HEAD_KEYS[0]: model.head.conv.weight,
         HEAD_KEYS[1]: model.head.bias,
     }
@@ -47,8 +56,10 @@ def checkpoint_keys(model: ResNetV2) -> dict[str, torch.Tensor]:
             ("c", unit.gn3, unit.conv3),
         ):
             keys[f"{prefix}{letter}/{conv}"] = conv_layer.weight
-            keys[f"{prefix}{letter}/group_norm/gamma"] = norm.weight
-            keys[f"{prefix}{letter}/group_norm/beta"] = norm.bias
+            (
+                keys[f"{prefix}{letter}/group_norm/gamma"],
+                keys[f"{prefix}{letter}/group_norm/beta"],
+            ) = _affine(norm)
         if unit.downsample is not None:
             keys[f"{prefix}a/proj/{conv}"] = unit.downsample.weight
     return keys
@@ -125,6 +136,10 @@ def load_bit_npz(model: ResNetV2, path: str | os.PathLike[str], load_head: bool 
         model.reset_head()
 
 
+def _is_body_conv(model: ResNetV2, module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module is not model.head.conv
+
+
 def save_bit_npz(model: ResNetV2, path: str | os.PathLike[str]) -> None:
     """Write `model` in the official `.npz` layout (float32, HWIO kernels), atomically.
 
@@ -132,6 +147,13 @@ def save_bit_npz(model: ResNetV2, path: str | os.PathLike[str]) -> None:
         model: the model to export.
         path: destination file; written to a temporary file first, then renamed.
     """
+    if not all(isinstance(m, StdConv2d) for m in model.modules() if _is_body_conv(model, m)) or (
+        any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    ):
+        raise ValueError(
+            "only BiT's own layers (StdConv2d, GroupNorm) fit the official .npz layout; "
+            "save a model built with other layers with torch's own tools"
+        )
     arrays = {}
     for key, param in checkpoint_keys(model).items():
         array = param.detach().to(device="cpu", dtype=torch.float32).numpy()

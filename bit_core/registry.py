@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bit_core.layers import ConvLayer, NormLayer, StdConv2d, group_norm
 from bit_core.resnetv2 import ResNetV2, init_weights
 
 OFFICIAL_WEIGHTS_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
@@ -92,7 +93,12 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int, *, generator: torch.Generator | None = None
+    name: str,
+    num_classes: int,
+    *,
+    generator: torch.Generator | None = None,
+    conv_layer: ConvLayer = StdConv2d,
+    norm_layer: NormLayer = group_norm,
 ) -> ResNetV2:
     """Build a BiT ResNet-v2 with a zero-initialised head.
 
@@ -103,11 +109,19 @@ def create_model(
         generator: draws the initial weights (`bit_core.reproducibility.weights_generator`
             of a run's seed), so they repeat; None: torch's global generator, for models
             whose weights are loaded over them anyway.
+        conv_layer, norm_layer: BiT's StdConv2d and GroupNorm by default; e.g.
+            `nn.Conv2d` and `bit_core.layers.batch_norm` for a BatchNorm baseline.
 
     Returns:
         The model; `model(x)` maps images N x 3 x H x W in [-1, 1] to logits
         N x num_classes, `model.pre_logits(x)` to pooled features.
     """
     arch = resolve_arch(name)
-    model = ResNetV2(arch.block_units, arch.width_factor, num_classes)
+    model = ResNetV2(
+        arch.block_units,
+        arch.width_factor,
+        num_classes,
+        conv_layer=conv_layer,
+        norm_layer=norm_layer,
+    )
     return model if generator is None else init_weights(model, generator)

@@ -13,7 +13,15 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from bit_core.layers import GlobalAvgPool2d, StdConv2d, conv1x1, conv3x3, group_norm
+from bit_core.layers import (
+    ConvLayer,
+    GlobalAvgPool2d,
+    NormLayer,
+    StdConv2d,
+    conv1x1,
+    conv3x3,
+    group_norm,
+)
 
 
 class PreActBottleneck(nn.Module):
@@ -21,21 +29,30 @@ class PreActBottleneck(nn.Module):
 
     The projection shortcut, when present, takes the *pre-activated* input, as in BiT.
     Sub-module names map to the checkpoint: gn1/conv1 = `a`, gn2/conv2 = `b`,
-    gn3/conv3 = `c`, downsample = `a/proj`.
+    gn3/conv3 = `c`, downsample = `a/proj` (named `gn*` whatever `norm_layer` builds).
     """
 
-    def __init__(self, in_chs: int, out_chs: int, mid_chs: int, stride: int = 1) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        mid_chs: int,
+        stride: int = 1,
+        *,
+        conv_layer: ConvLayer = StdConv2d,
+        norm_layer: NormLayer = group_norm,
+    ) -> None:
         super().__init__()
-        self.gn1 = group_norm(in_chs)
-        self.conv1 = conv1x1(in_chs, mid_chs)
-        self.gn2 = group_norm(mid_chs)
-        self.conv2 = conv3x3(mid_chs, mid_chs, stride)
-        self.gn3 = group_norm(mid_chs)
-        self.conv3 = conv1x1(mid_chs, out_chs)
+        self.gn1 = norm_layer(in_chs)
+        self.conv1 = conv1x1(in_chs, mid_chs, conv_layer=conv_layer)
+        self.gn2 = norm_layer(mid_chs)
+        self.conv2 = conv3x3(mid_chs, mid_chs, stride, conv_layer=conv_layer)
+        self.gn3 = norm_layer(mid_chs)
+        self.conv3 = conv1x1(mid_chs, out_chs, conv_layer=conv_layer)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: StdConv2d | None = None
+        self.downsample: nn.Conv2d | None = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = conv1x1(in_chs, out_chs, stride)
+            self.downsample = conv1x1(in_chs, out_chs, stride, conv_layer=conv_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.gn1(x))
@@ -49,9 +66,9 @@ class PreActBottleneck(nn.Module):
 class Root(nn.Module):
     """7x7/2 standardized conv, zero pad 1, unpadded 3x3/2 max-pool."""
 
-    def __init__(self, out_chs: int) -> None:
+    def __init__(self, out_chs: int, *, conv_layer: ConvLayer = StdConv2d) -> None:
         super().__init__()
-        self.conv = StdConv2d(3, out_chs, kernel_size=7, stride=2, padding=3, bias=False)
+        self.conv = conv_layer(3, out_chs, kernel_size=7, stride=2, padding=3, bias=False)
         # Zero padding then an unpadded pool, as in the official code: the same as "SAME"
         # pooling only because inputs are >= 0 (post-conv values are not!), so kept literal.
         self.pad = nn.ConstantPad2d(1, 0.0)
@@ -64,9 +81,11 @@ class Root(nn.Module):
 class Head(nn.Module):
     """GroupNorm, ReLU, global average pool, 1x1 conv (the checkpoint's `head/conv2d`)."""
 
-    def __init__(self, in_chs: int, num_classes: int) -> None:
+    def __init__(
+        self, in_chs: int, num_classes: int, *, norm_layer: NormLayer = group_norm
+    ) -> None:
         super().__init__()
-        self.gn = group_norm(in_chs)
+        self.gn = norm_layer(in_chs)
         self.relu = nn.ReLU(inplace=True)
         self.avg = GlobalAvgPool2d()
         self.conv = nn.Conv2d(in_chs, num_classes, kernel_size=1, bias=True)
@@ -87,9 +106,20 @@ class ResNetV2(nn.Module):
             CPU/test variants). The root has 64 x width_factor channels.
         num_classes: size of the 1x1-conv head. The head starts at zero (BiT's downstream
             initialisation: the first step then trains the head alone, on fixed features).
+        conv_layer, norm_layer: what builds every body convolution and normalization
+            (timm's way): BiT's `StdConv2d` and `group_norm` by default; `nn.Conv2d` and
+            `layers.batch_norm` build the BatchNorm baseline BiT is compared with.
     """
 
-    def __init__(self, block_units: tuple[int, ...], width_factor: float, num_classes: int):
+    def __init__(
+        self,
+        block_units: tuple[int, ...],
+        width_factor: float,
+        num_classes: int,
+        *,
+        conv_layer: ConvLayer = StdConv2d,
+        norm_layer: NormLayer = group_norm,
+    ):
         super().__init__()
         if len(block_units) != 4:
             raise ValueError(f"block_units must have 4 entries, got {block_units}")
@@ -99,7 +129,7 @@ class ResNetV2(nn.Module):
         self.block_units = tuple(block_units)
         self.width_factor = width_factor
         self.num_classes = num_classes
-        self.root = Root(root_chs)
+        self.root = Root(root_chs, conv_layer=conv_layer)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         in_chs = root_chs
         for index, num_units in enumerate(block_units):
@@ -109,13 +139,18 @@ class ResNetV2(nn.Module):
             units: OrderedDict[str, nn.Module] = OrderedDict()
             for unit in range(1, num_units + 1):
                 units[f"unit{unit:02d}"] = PreActBottleneck(
-                    in_chs, out_chs, mid_chs, stride=stride if unit == 1 else 1
+                    in_chs,
+                    out_chs,
+                    mid_chs,
+                    stride=stride if unit == 1 else 1,
+                    conv_layer=conv_layer,
+                    norm_layer=norm_layer,
                 )
                 in_chs = out_chs
             blocks[f"block{index + 1}"] = nn.Sequential(units)
         self.body = nn.Sequential(blocks)
         self.num_features = in_chs
-        self.head = Head(in_chs, num_classes)
+        self.head = Head(in_chs, num_classes, norm_layer=norm_layer)
         self.reset_head()
 
     @torch.no_grad()
@@ -194,7 +229,7 @@ def init_weights(model: ResNetV2, generator: torch.Generator) -> ResNetV2:
                 fan_in = module.weight[0].numel()
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-        elif isinstance(module, nn.GroupNorm):
+        elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)) and module.affine:
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
     model.reset_head()  # BiT's downstream head starts at zero: nothing to draw

@@ -424,3 +424,31 @@ def test_reset_head_rejects_non_positive_num_classes() -> None:
     model = create_model(SMALL, 5)
     with pytest.raises(ValueError):
         model.reset_head(0)
+
+
+def test_a_batchnorm_baseline_is_built_from_layer_callables(tmp_path) -> None:
+    """The BN baseline of BiT's GN+WS comparison: same blocks, other conv and norm layers."""
+    from bit_core.npz import save_bit_npz
+    from bit_core.reproducibility import weights_generator
+
+    bn = create_model(
+        "R14x0.5",
+        5,
+        generator=weights_generator(0),
+        conv_layer=nn.Conv2d,
+        norm_layer=layers.batch_norm,
+    )
+    gn = create_model("R14x0.5", 5, generator=weights_generator(0))
+    norms = [m for m in bn.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == len([m for m in gn.modules() if isinstance(m, nn.GroupNorm)])
+    assert not any(isinstance(m, (nn.GroupNorm, StdConv2d)) for m in bn.modules())
+    # The same parameter shapes (BN adds only running statistics), and the same draws.
+    assert {k: v.shape for k, v in bn.named_parameters()} == {
+        k: v.shape for k, v in gn.named_parameters()
+    }
+    assert torch.equal(bn.root.conv.weight, gn.root.conv.weight)
+    bn.train()
+    out = bn(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 5) and norms[0].num_batches_tracked.item() == 1
+    with pytest.raises(ValueError, match="only BiT's own layers"):
+        save_bit_npz(bn, tmp_path / "bn.npz")
