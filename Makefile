@@ -60,6 +60,8 @@ bench: install
 	$(BIN)/python benchmarks/predict_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/service_speed.py --out BENCHMARKS.md
 	$(BIN)/python benchmarks/job_walltime.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/backend_speed.py --out BENCHMARKS.md
+	$(BIN)/python benchmarks/many_models.py --out BENCHMARKS.md
 
 # timm's BiT loader is an independent reading of the official .npz files; the parity test
 # needs it, and timm needs torchvision, which PyPI only builds against other torch

@@ -34,6 +34,10 @@ from bit_core.resnetv2 import ResNetV2
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
+# An ONNX Runtime session holds about this many copies of the weights it was built from
+# (the graph as read, its initializers, the optimized graph's): what a model cache must
+# count for it. Measured per whole model by benchmarks/many_models.py (BENCHMARKS.md).
+ONNX_SESSION_WEIGHT_COPIES = 3
 BACKEND_CHOICES = ("auto", *BACKENDS)
 # Bumped when the exported graph changes, so an older cached file is never reused.
 ONNX_GRAPH_VERSION = 1
@@ -74,7 +78,7 @@ class FeatureExtractor(Protocol):
     backend: str
     device: torch.device
     num_features: int
-    nbytes: int  # memory its weights hold
+    nbytes: int  # memory it holds for its weights
     forwards: int  # forward calls so far (observability, and tests of shared batches)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor: ...
@@ -254,7 +258,7 @@ def make_features(
         raise ValueError(f"unknown inference backend '{backend}'")
     if not onnxruntime_installed():
         resolve_backend(backend, device)  # raises BackendUnavailable, saying what to do
-    nbytes = _weight_bytes(model)
+    nbytes = ONNX_SESSION_WEIGHT_COPIES * _weight_bytes(model)
     path = cached_features_onnx(model, sha256, onnx_cache_dir or default_onnx_cache_dir())
     return OnnxFeatures(path, device, num_features=model.num_features, nbytes=nbytes)
 
