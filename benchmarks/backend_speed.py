@@ -53,7 +53,7 @@ from many_models import register_model
 from predict_speed import Timings, measure_model
 from service_speed import Api, Load, ServiceResult, burst
 
-from bit_core.backends import BACKENDS, onnxruntime_installed, resolve_backend
+from bit_core.backends import available_backends, onnxruntime_installed, resolve_backend
 from bit_core.predict import Predictor
 from service.settings import Settings
 from tests.e2e.live import LiveService
@@ -64,9 +64,9 @@ CONCURRENCY = (1, 8, 64)
 REFERENCE = "torch"  # ratios are each backend's figure against this one's
 
 
-def installed_backends() -> list[str]:
-    """Every backend this machine can run, the reference first."""
-    return [name for name in BACKENDS if name != "onnxruntime" or onnxruntime_installed()]
+def installed_backends(device: torch.device) -> list[str]:
+    """Every backend this machine can run on `device`, the reference first."""
+    return available_backends(device)
 
 
 def model_only(
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     if device is None:
         return 0
-    backends = installed_backends()
+    backends = installed_backends(device)
     run = RunInfo.start(device, args)
     root = Path(tempfile.mkdtemp(prefix="backend_speed_"))
     env = {
@@ -322,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"Inference backends · {args.arch} · {mode} run", args, [load_note],
                 threads=(
                     f"torch threads {torch.get_num_threads()} in every process, ONNX Runtime "
-                    "one shared pool of as many; client in the benchmark process"
+                    "as many per session; client in the benchmark process"
                 ),
             ),
-            f"- Backends: {', '.join(backends)} (every one installed; onnxruntime "
+            f"- Backends: {', '.join(backends)} (every one that runs on this device; onnxruntime "
             f"{_ort_version()}). Random weights (seed 0), {NUM_CLASSES}-class head, "
             f"{args.crop} px, fp32, kernels standardized once. Model only: `Predictor."
             "probabilities` on preprocessed random batches; images/s = batch ÷ median call. "

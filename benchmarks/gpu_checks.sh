@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_checks.sh tests engine predict   # at most 7.5 min
 #   bash benchmarks/gpu_checks.sh service data           # at most 5 min; needs .whl (below)
+#   bash benchmarks/gpu_checks.sh backends               # issue 20, 2.5 min; needs .whl
 #
 # from the repository root on the GPU machine (no step named: the first three). A
 # session's 15 device minutes hold both, the machine's start and little else: make the
@@ -83,8 +84,18 @@ for name in "${steps[@]}"; do
         step data 90 python3 benchmarks/data_pipeline.py --device "$device" --quick \
             --out "$out/BENCHMARKS.md" $quiet
         ;;
+    backends)
+        # Issue 20: torch (bf16 autocast, channels_last) against onnxruntime's CUDA and
+        # TensorRT providers, batch-1 p50/p99 and images/s at batch 64, model only. The
+        # image's onnxruntime is the CPU build and onnxruntime-gpu's wheel is past the
+        # 64 MiB carry: without a CUDA provider only torch is measured, and the section
+        # says which backends ran. Needs the service's wheels too (for its API rows).
+        step backends 150 python3 benchmarks/backend_speed.py --device "$device" --quick \
+            --out "$out/BENCHMARKS.md" $quiet
+        ;;
     *)
-        echo "unknown step '$name': tests, engine, engine101, predict, service or data" >&2
+        echo "unknown step '$name': tests, engine, engine101, predict, service, data or" \
+            "backends" >&2
         exit 2
         ;;
     esac

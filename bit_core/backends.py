@@ -52,6 +52,18 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+def available_backends(device: torch.device) -> list[str]:
+    """The backends that can run on `device` here: torch always; onnxruntime when installed,
+    and on a GPU only with its CUDA provider (the onnxruntime-gpu package)."""
+    found = ["torch"]
+    if onnxruntime_installed():
+        import onnxruntime as ort
+
+        if device.type == "cpu" or "CUDAExecutionProvider" in ort.get_available_providers():
+            found.append("onnxruntime")
+    return found
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The backend to use for `name` ('auto', 'torch' or 'onnxruntime') on `device`.
 
