@@ -12,6 +12,7 @@ from PIL import Image
 
 from bit_core.backends import (
     BackendUnavailable,
+    available_backends,
     make_features,
     onnx_cache_path,
     onnxruntime_installed,
@@ -80,6 +81,21 @@ def test_auto_picks_onnxruntime_on_a_cpu_only_when_installed():
     assert resolve_backend("torch", CPU) == "torch"
     with pytest.raises(ValueError, match="unknown inference backend 'tensorflow'"):
         resolve_backend("tensorflow", CPU)
+
+
+def test_available_backends_need_a_cuda_provider_on_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    assert available_backends(CPU) == BACKENDS
+    if onnxruntime_installed():
+        import onnxruntime
+
+        monkeypatch.setattr(
+            onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"]
+        )
+        assert available_backends(torch.device("cuda")) == ["torch"]
+        monkeypatch.setattr(
+            onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"]
+        )
+        assert available_backends(torch.device("cuda")) == ["torch", "onnxruntime"]
 
 
 def test_a_missing_onnxruntime_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch):
