@@ -179,9 +179,13 @@ class ModelCache:
     Evicting a model that a request is using is safe; the request keeps its reference.
     """
 
-    def __init__(self, loader: Loader, max_bytes: int) -> None:
+    def __init__(self, loader: Loader, max_bytes: int, *, max_loads: int = 2) -> None:
+        """`max_loads`: models loading at once, at most. The budget bounds what is cached,
+        not what is loading: without this bound, concurrent requests for many models that
+        do not fit would each hold a whole model in memory while it loads."""
         self._loader = loader
         self.max_bytes = max_bytes
+        self._loads = threading.BoundedSemaphore(max(1, max_loads))
         self._lock = threading.Lock()
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._loading: dict[int, Future[Predictor]] = {}
@@ -251,7 +255,8 @@ class ModelCache:
             return self._backbone(key, make)
 
         try:
-            predictor = self._loader(ref, backbone)
+            with self._loads:
+                predictor = self._loader(ref, backbone)
         except BaseException as exc:
             # Not cached: the next request tries again (the store may be back by then).
             with self._lock:

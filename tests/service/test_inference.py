@@ -705,3 +705,35 @@ def test_the_precision_and_backend_settings_reach_the_served_predictor(
         onnx = Settings(home=tmp_path, device="cpu", inference_backend="onnxruntime")
         assert asyncio.run(served(onnx)).backend == "onnxruntime"
         assert list((tmp_path / "cache" / "onnx").glob(f"{model.sha256}.*.onnx"))
+
+
+def test_at_most_max_loads_models_load_at_once():
+    """The budget bounds what is cached; this bounds what is loading (each load holds a
+    whole model in memory until it is cached or dropped)."""
+    active, peak = 0, 0
+    guard = threading.Lock()
+    all_started = threading.Barrier(4, timeout=TIMEOUT_S)
+
+    def loader(r: ModelRef, _backbones: Backbones) -> Predictor:
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        predictor = tiny_predictor()
+        with guard:
+            active -= 1
+        return predictor
+
+    cache = ModelCache(loader, max_bytes=1 << 30, max_loads=1)
+
+    def get(model_id: int) -> None:
+        all_started.wait()  # the four requests arrive together
+        cache.get(ref(model_id))
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(1, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT_S)
+    assert not any(thread.is_alive() for thread in threads)
+    assert sorted(cache.ids()) == [1, 2, 3, 4] and peak == 1
