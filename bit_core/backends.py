@@ -49,7 +49,8 @@ class BackendUnavailable(RuntimeError):
 
 
 def onnxruntime_installed() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None
+    """onnxruntime runs the graph; onnx is what torch.onnx.export writes it with."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
 
 
 def available_backends(device: torch.device) -> list[str]:

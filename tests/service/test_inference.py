@@ -177,7 +177,9 @@ def test_each_call_gets_its_wait_and_its_forwards_time(predictor: Predictor, row
 
     held = asyncio.run(main())
     assert forward.sizes == [1, 2]
-    assert timings[0].forward_s >= held and timings[0].wait_s < timings[0].forward_s
+    # (Its own wait, the hand-off to the forward thread, is not compared: under load a
+    # thread's start can take longer than the hold.)
+    assert timings[0].forward_s >= held
     # The two queued calls shared the second forward and waited out the first.
     assert timings[1].forward_s == timings[2].forward_s > 0
     assert min(timings[1].wait_s, timings[2].wait_s) >= held
