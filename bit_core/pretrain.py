@@ -174,7 +174,9 @@ def pretrain(
     def batches(steps: range) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for step, pixels, batch_targets in raw_batches(steps):
             rng = augment.step_generator(config.seed * 1000 + rank, step)
-            images = inception_crop(augment.to_unit_range(pixels), plan.resolution, rng)
+            images = inception_crop(
+                augment.to_unit_range(pixels), plan.resolution, rng, min_area=plan.crop_min_area
+            )
             yield step, images, batch_targets
 
     wrap: Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]] | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,17 +43,36 @@ class BaseModelNotInstalled(LookupError):
     """An official base model was asked for but its weights are not in the weights dir."""
 
 
+# Builds a base's model for a number of classes: its weights loaded, a fresh zero head.
+ModelFactory = Callable[[int], ResNetV2]
+
+
 @dataclass(frozen=True)
 class BaseModel:
-    """Where a fine-tuning run starts: an architecture and, usually, pre-trained weights."""
+    """Where a fine-tuning run starts: an architecture and, usually, pre-trained weights.
+
+    The weights come from `npz_path` (the official layout), or from `factory` for a model
+    that layout cannot hold (e.g. a BatchNorm baseline with its running statistics); then
+    `sha256` must name those weights, for the run's provenance.
+    """
 
     name: str
     arch: str
-    npz_path: Path | None  # None: random initialisation (training from scratch)
+    npz_path: Path | None  # None (and no factory): random initialisation, from scratch
     sha256: str | None = None  # of the weights file, as the weights index records it
+    factory: ModelFactory | None = None
+
+    def __post_init__(self) -> None:
+        if self.factory is not None and (self.npz_path is not None or not self.sha256):
+            raise ValueError(
+                f"base model '{self.name}': a factory base takes no npz_path and needs the "
+                "sha256 of its weights"
+            )
 
     def weights_sha256(self) -> str | None:
         """The weights file's sha256 (recorded, else computed); None from scratch."""
+        if self.factory is not None:
+            return self.sha256
         if self.npz_path is None:
             return None
         return self.sha256 or sha256_file(self.npz_path)
@@ -111,6 +131,8 @@ NO_QUALITY_LABEL = "no held-out images and too few to cross-validate"
 def build_model(base: BaseModel, num_classes: int, *, seed: int = 0) -> ResNetV2:
     """The base's architecture with its pre-trained weights and a fresh zero head; a base
     without weights is initialised from `seed` (the same seed, the same weights)."""
+    if base.factory is not None:
+        return base.factory(num_classes)
     if base.npz_path is None:
         return create_model(base.arch, num_classes, generator=weights_generator(seed))
     model = create_model(base.arch, num_classes)  # every weight but the head is loaded next

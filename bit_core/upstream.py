@@ -23,6 +23,9 @@ RECIPES: dict[str, tuple[int, tuple[int, ...]]] = {
     "bit-l": (40, (10, 23, 30, 37)),  # JFT-300M
 }
 RESOLUTION = 224  # inception crop + flip at 224 upstream
+# The inception crop's smallest box, as a fraction of the image area (the largest is all of
+# it). At a few dozen pixels a box of 5% can hold nothing recognisable: overridable.
+CROP_MIN_AREA = 0.05
 
 
 @dataclass
@@ -39,6 +42,7 @@ class UpstreamPlan:
     base_lr: float
     loss: str  # "softmax" (one label) or "sigmoid" (several labels, JFT-style)
     resolution: int = RESOLUTION
+    crop_min_area: float = CROP_MIN_AREA
     momentum: float = MOMENTUM
     weight_decay: float = WEIGHT_DECAY
     recipe: str = "bit-m"
@@ -79,6 +83,7 @@ OVERRIDABLE = (
     "base_lr",
     "weight_decay",
     "resolution",
+    "crop_min_area",
     "loss",
 )
 
@@ -121,6 +126,9 @@ def upstream_plan(
     total = max(1, round(epochs * steps_per_epoch))
     default_warmup = WARMUP_STEPS if total > 2 * WARMUP_STEPS else max(1, total // 10)
     warmup = int(overrides.get("warmup_steps", default_warmup))
+    crop_min_area = float(overrides.get("crop_min_area", CROP_MIN_AREA))
+    if not 0.0 < crop_min_area <= 1.0:
+        raise ValueError(f"crop_min_area must be in (0, 1], got {crop_min_area}")
     loss = overrides.get("loss", "sigmoid" if multi_label else "softmax")
     if loss not in ("softmax", "sigmoid"):
         raise ValueError(f"loss must be 'softmax' or 'sigmoid', got '{loss}'")
@@ -135,6 +143,7 @@ def upstream_plan(
         base_lr=float(overrides.get("base_lr", LR_PER_256 * global_batch / 256)),
         loss=loss,
         resolution=int(overrides.get("resolution", RESOLUTION)),
+        crop_min_area=crop_min_area,
         weight_decay=float(overrides.get("weight_decay", WEIGHT_DECAY)),
         recipe=recipe,
         overrides=overrides,

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from bit_core.data import LabeledImages
+from bit_core.upstream import CROP_MIN_AREA
 
 # Inception crop as in BiT's upstream input pipeline: a random box of 5%..100% of the area
 # with aspect ratio in [3/4, 4/3], resized to the training resolution, then a random flip.
-CROP_AREA = (0.05, 1.0)
+CROP_AREA = (CROP_MIN_AREA, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 
 
@@ -103,7 +104,11 @@ def _read_manifest(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def inception_crop(
-    images: torch.Tensor, size: int, rng: np.random.Generator, flip: bool = True
+    images: torch.Tensor,
+    size: int,
+    rng: np.random.Generator,
+    flip: bool = True,
+    min_area: float = CROP_AREA[0],
 ) -> torch.Tensor:
     """Per-image random area/aspect crop resized to `size`, plus a random flip, batched.
 
@@ -111,9 +116,10 @@ def inception_crop(
         images: float (N, C, H, W).
         size: output side.
         rng: the step's random source (a resumed run repeats it).
+        min_area: the smallest box, as a fraction of the area (the plan's crop_min_area).
     """
     n = images.shape[0]
-    area = rng.uniform(*CROP_AREA, size=n)
+    area = rng.uniform(min_area, CROP_AREA[1], size=n)
     log_aspect = rng.uniform(math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1]), size=n)
     aspect = np.exp(log_aspect)
     # Box side lengths as fractions of the image, clipped to fit.

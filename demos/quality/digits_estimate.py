@@ -7,7 +7,7 @@ on a fixed test set of digits it never saw. The report puts the estimate (mean Â
 seeds, and the folds' spread) beside the test accuracy, and says whether they agree.
 
 The backbone is a seeded, randomly initialised R14x0.5 unless `--base` names a BiT .npz
-(e.g. the one `python -m demos.transfer.transfer --work-dir DIR` leaves in DIR/base.npz):
+(e.g. a glyph base that `python -m demos.transfer.transfer` caches as base.npz):
 pre-training one takes longer than this whole run, and the question here is whether the
 estimate matches the truth for whatever features the model has, not how good they are.
 
@@ -35,16 +35,10 @@ from bit_core import create_model, hyperrule, save_bit_npz
 from bit_core.evaluate import evaluate
 from bit_core.recipe import BaseModel, QualityOptions, resolve_base, run_finetune
 from bit_core.train import RunConfig
-from demos.transfer.transfer import (
-    DIGIT_SIDE,
-    few_shot,
-    how_made,
-    log,
-    mean_std,
-    save_report,
-    split,
-    write_digits,
-)
+from demos.transfer.downstream import DIGIT_SIDE, few_shot, split, write_digits
+from demos.transfer.progress import log
+from demos.transfer.report import how_made, save_report
+from demos.transfer.verdicts import mean_std
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "quality_estimates.md"
 

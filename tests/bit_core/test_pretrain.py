@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bit_core.pretrain_run import write_spec
 from bit_core.train import RunConfig
-from bit_core.upstream import upstream_plan
-from bit_core.upstream_data import UpstreamImages
+from bit_core.upstream import UpstreamPlan, upstream_plan
+from bit_core.upstream_data import UpstreamImages, inception_crop
 from tests.factories import make_multilabel_manifest
 from tests.polling import wait_for
 from tests.torchrun import records, torchrun
@@ -39,6 +40,26 @@ def test_bit_l_recipe_and_overrides():
     assert short.overrides == {"global_batch": 64, "total_steps": 40}
     with pytest.raises(ValueError, match="unknown override"):
         upstream_plan(10, 2, momentum=0.5)
+
+
+def test_the_inception_crop_floor_is_an_override_the_crop_obeys():
+    plan = upstream_plan(2000, 50, global_batch=64, total_steps=40, crop_min_area=0.5)
+    assert plan.crop_min_area == 0.5 and plan.overrides["crop_min_area"] == 0.5
+    assert upstream_plan(2000, 50).crop_min_area == 0.05  # the recipe's
+    assert UpstreamPlan.from_dict(plan.to_dict()) == plan
+    for wrong in (0.0, 1.5):
+        with pytest.raises(ValueError, match="crop_min_area must be in"):
+            upstream_plan(2000, 50, crop_min_area=wrong)
+    # Left half -1, right half +1: a box of at least 90% of the area always spans the
+    # middle; boxes down to 5% often fall on one side only.
+    images = torch.ones(256, 1, 32, 32)
+    images[..., :16] = -1.0
+
+    def one_sided(min_area: float) -> int:
+        crops = inception_crop(images, 16, np.random.default_rng(0), min_area=min_area)
+        return int(((crops.amax(dim=(1, 2, 3)) < 0) | (crops.amin(dim=(1, 2, 3)) > 0)).sum())
+
+    assert one_sided(0.9) == 0 and one_sided(0.05) > 10
 
 
 def test_manifest_reads_label_sets(tmp_path: Path):

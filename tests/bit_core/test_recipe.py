@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import bit_core
 import bit_core.linear
@@ -14,7 +15,16 @@ import bit_core.train
 from bit_core import weights
 from bit_core.checkpoint import ModelInfo, load_model, read_model_info, save_model
 from bit_core.data import LabeledImages
-from bit_core.recipe import BaseModelNotInstalled, QualityOptions, resolve_base, run_finetune
+from bit_core.layers import batch_norm
+from bit_core.recipe import (
+    BaseModel,
+    BaseModelNotInstalled,
+    QualityOptions,
+    build_model,
+    resolve_base,
+    run_finetune,
+)
+from bit_core.resnetv2 import ResNetV2
 from bit_core.train import RunConfig
 from tests.factories import make_bit_npz
 
@@ -194,3 +204,50 @@ def test_old_model_json_without_temperature_loads(tmp_path: Path, train_folder: 
     del data["temperature"]
     path.write_text(json.dumps(data))
     assert read_model_info(tmp_path / "m").temperature is None
+
+
+# --- a base the .npz layout cannot hold ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_a_factory_base_fine_tunes_a_model_the_npz_layout_cannot_hold(
+    tmp_path: Path, train_folder: Path, val_folder: Path, mode: str
+):
+    # A BatchNorm baseline: its running statistics must survive into the run.
+    pretrained = bit_core.create_model(
+        "R14x0.5", 7, conv_layer=torch.nn.Conv2d, norm_layer=batch_norm
+    )
+    stats = pretrained.root.conv.weight.detach().clone()  # any body weight will do
+
+    def factory(num_classes: int) -> ResNetV2:
+        model = bit_core.create_model(
+            "R14x0.5", num_classes, conv_layer=torch.nn.Conv2d, norm_layer=batch_norm
+        )
+        body = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
+        model.load_state_dict(body, strict=False)
+        return model
+
+    base = BaseModel("bn-base", "R14x0.5", None, sha256="ab" * 32, factory=factory)
+    train = LabeledImages.from_folder(train_folder)
+    val = LabeledImages.from_folder(val_folder, classes=train.classes)
+    built = build_model(base, len(train.classes))
+    assert torch.equal(built.root.conv.weight, stats) and built.num_classes == 3
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in built.modules())
+    result, info = run_finetune(train, base, _plan(train, mode), tmp_path / "model", val=val)
+    assert info is not None and info.provenance["base_sha256"] == "ab" * 32
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
+    frozen = torch.equal(result.model.root.conv.weight.cpu(), stats)
+    assert frozen == (mode == "linear")  # linear mode trains the head only
+
+
+def test_a_factory_base_needs_the_sha256_of_its_weights_and_no_npz(tmp_path: Path):
+    def factory(num_classes: int) -> ResNetV2:
+        return bit_core.create_model("R14x0.5", num_classes)
+
+    with pytest.raises(ValueError, match="needs the sha256 of its weights"):
+        BaseModel("x", "R14x0.5", None, factory=factory)
+    with pytest.raises(ValueError, match="takes no npz_path"):
+        BaseModel("x", "R14x0.5", tmp_path / "x.npz", sha256="ab" * 32, factory=factory)
+    assert BaseModel("x", "R14x0.5", None, sha256="cd" * 32, factory=factory).weights_sha256() == (
+        "cd" * 32
+    )
