@@ -208,7 +208,7 @@ def _runtime(seconds: dict[str, float], made: list[Pretrained], jobs: int) -> li
     # in the second; in one process, one after another.
     pretraining = max(bn, main + less) if jobs > 1 else main + less + bn
     cold = seconds["glyph data, generating"] + pretraining + seconds["downstream"]
-    per_base = ", ".join(
+    per_base = "; ".join(
         f"{base.spec.name} {base.summary['seconds'] / 60:.1f} min"
         + (f" (cached, made {base.summary['made']})" if base.cached else "")
         for base in made
